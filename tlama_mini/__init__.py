@@ -1,0 +1,48 @@
+"""tlama_mini: a small, tested, modern LLM in PyTorch, built to be read.
+
+Module map (one concept each): config, norm, rope, masks, attention, kv_cache, ffn, moe, model,
+sample (generation), training, parallel (tensor parallelism), flash (tiled attention), blockwise
+(chunked FFN / LM head / loss), tokenizer, data, hf (Hugging Face checkpoints).
+
+Glossary: our names (Llama's) and what other code calls them.
+
+| tlama_mini            | Hugging Face (Llama)             | nanoGPT              | meaning                          |
+|-----------------------|----------------------------------|----------------------|----------------------------------|
+| d_model               | hidden_size                      | n_embd               | width of the residual stream     |
+| n_heads / n_kv_heads  | num_attention_heads / num_key_value_heads | n_head      | query heads / key-value heads    |
+| head_dim              | head_dim                         | hs                   | d_model / n_heads                |
+| n_rep                 | num_key_value_groups             | -                    | query heads per kv head          |
+| token_emb             | model.embed_tokens               | transformer.wte      | token embedding table            |
+| layers[i]             | model.layers[i]                  | transformer.h[i]     | transformer block                |
+| attention.Wq Wk Wv Wo | self_attn.q_proj k_proj v_proj o_proj | attn.c_attn / c_proj | attention projections      |
+| ffn.w1 / w3 / w2      | mlp.gate_proj / up_proj / down_proj | mlp.c_fc / c_proj | SwiGLU gate / up / down          |
+| attention_norm        | input_layernorm                  | ln_1                 | norm before attention            |
+| ffn_norm              | post_attention_layernorm         | ln_2                 | norm before the FFN              |
+| norm                  | model.norm                       | transformer.ln_f     | final norm                       |
+| output                | lm_head                          | lm_head              | LM head (to vocabulary logits)   |
+| freq_cis              | rotary_emb (cos, sin)            | -                    | RoPE rotations                   |
+| cache_k / cache_v     | past_key_values                  | -                    | KV cache                         |
+| max_seq_len           | max_position_embeddings          | block_size           | longest sequence                 |
+| rope_theta            | rope_theta                       | -                    | RoPE base                        |
+| norm_eps              | rms_norm_eps                     | -                    | RMSNorm epsilon                  |
+"""
+from .attention import Attention, attention, naive_attention, repeat_kv
+from .config import PRESETS, RopeScaling, TlamaConfig
+from .ffn import FeedForward
+from .kv_cache import KVCache
+from .masks import build_mask, causal_mask, create_chunked_attention_mask, sliding_window_mask
+from .model import Transformer, TransformerBlock
+from .moe import MoE, load_balancing_loss, moe_loop
+from .norm import RMSNorm
+from .rope import apply_rope, compute_freqs_cis, reshape_for_broadcast
+from .sample import generate, generate_stream, sample_next_token, top_k_filter, top_p_filter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention", "FeedForward", "KVCache", "MoE", "PRESETS", "RMSNorm", "RopeScaling", "TlamaConfig",
+    "Transformer", "TransformerBlock", "apply_rope", "attention", "build_mask", "causal_mask",
+    "compute_freqs_cis", "create_chunked_attention_mask", "generate", "generate_stream",
+    "load_balancing_loss", "moe_loop", "naive_attention", "repeat_kv", "reshape_for_broadcast",
+    "sample_next_token", "sliding_window_mask", "top_k_filter", "top_p_filter",
+]

@@ -1,0 +1,151 @@
+"""Multi-head attention with grouped-query heads (GQA), RoPE, optional QK-norm and a KV cache.
+
+    attention(q, k, v) = softmax(q k^T / sqrt(D) + mask) v        (Vaswani et al., 2017)
+
+GQA (Ainslie et al., 2023): K key/value heads are shared by groups of n_rep = H / K query heads;
+K = H is ordinary multi-head attention (MHA), K = 1 is multi-query attention (MQA, Shazeer 2019).
+Three interchangeable backends compute the same thing and are tested equal: `naive` (the formula
+above, written out), `sdpa` (torch's fused `scaled_dot_product_attention`) and `flash` (the tiled
+online-softmax algorithm of `tlama_mini.flash`).
+
+Masks: boolean, True = may attend (see masks.py). `is_causal=True` means the plain causal mask with
+the queries aligned to the *last* T of the S keys, which is what decoding with a cache needs.
+Legend: B batch, T queries, S keys, H heads, K kv heads, D head_dim, C d_model.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TlamaConfig
+from .kv_cache import KVCache
+from .masks import build_mask
+from .norm import RMSNorm
+from .parallel import column_linear, row_linear, tp_world_size
+from .rope import apply_rope
+
+
+def repeat_kv(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, S, K, D) -> (B, S, K * n_rep, D): each kv head repeated n_rep times, adjacent copies
+    (head h of the output uses kv head h // n_rep)."""
+    if n_rep == 1:
+        return kv
+    B, S, K, D = kv.shape
+    return kv[:, :, :, None, :].expand(B, S, K, n_rep, D).reshape(B, S, K * n_rep, D)
+
+
+def _causal_bottom_right(T: int, S: int, device: torch.device) -> torch.Tensor:
+    return build_mask(torch.arange(S - T, S, device=device), torch.arange(S, device=device))  # (T, S)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                    *, is_causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+    """The textbook formula. q (B, H, T, D), k and v (B, H, S, D), mask broadcastable to (B, H, T, S).
+    Returns (B, H, T, D). A query whose every key is masked gets NaN (0/0 in the softmax)."""
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if is_causal:
+        mask = _causal_bottom_right(T, S, q.device) if mask is None else mask & _causal_bottom_right(T, S, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask *before* the softmax
+    probs = torch.softmax(scores.float(), dim=-1).type_as(q)  # (B, H, T, S)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v  # (B, H, T, D)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+              is_causal: bool = False, backend: str = "sdpa", dropout_p: float = 0.0,
+              flash_block_size: int = 64) -> torch.Tensor:
+    """Scaled dot-product attention with grouped kv heads.
+
+    q (B, H, T, D); k, v (B, K, S, D) with H a multiple of K; mask (T, S) or broadcastable to
+    (B, H, T, S), True = may attend. Returns (B, H, T, D).
+    """
+    H, K = q.shape[1], k.shape[1]
+    if H % K:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({K})")
+    T, S = q.shape[-2], k.shape[-2]
+    if mask is not None and mask.shape[-2:] != (T, S):
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {T} queries and {S} keys; "
+                         f"expected (..., {T}, {S})")
+    if backend == "flash":
+        if mask is not None or dropout_p > 0.0:
+            raise ValueError("the flash backend supports causal or unmasked attention without dropout; "
+                             "use backend='sdpa' for explicit masks")
+        from .flash import flash_attention  # imported lazily: flash.py builds on this module
+        return flash_attention(q, k, v, causal=is_causal, block_size=flash_block_size)
+    if K != H:  # share each kv head with its group of query heads: (B, K, S, D) -> (B, H, S, D)
+        k = repeat_kv(k.transpose(1, 2), H // K).transpose(1, 2)
+        v = repeat_kv(v.transpose(1, 2), H // K).transpose(1, 2)
+    if backend == "naive":
+        return naive_attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
+    if backend != "sdpa":
+        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'naive' or 'flash'")
+    if is_causal and T != S:  # SDPA's is_causal is top-left aligned; decoding needs bottom-right
+        causal = _causal_bottom_right(T, S, q.device)
+        mask, is_causal = (causal if mask is None else mask & causal), False
+    if is_causal and mask is not None:
+        mask, is_causal = mask & _causal_bottom_right(T, S, q.device), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+
+
+class Attention(nn.Module):
+    """Attention layer of a `TransformerBlock`: Wq/Wk/Wv projections, optional QK RMSNorm, RoPE,
+    the KV cache (eval mode only), attention, and the output projection Wo."""
+
+    def __init__(self, config: TlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        tp = tp_world_size() if config.use_parallel else 1
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.kv_heads
+        if self.n_kv_heads % tp:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be divisible by the tensor-parallel size ({tp})")
+        self.n_local_heads = config.n_heads // tp
+        self.n_local_kv_heads = self.n_kv_heads // tp
+        self.n_rep = config.n_rep
+        self.head_dim = config.head_dim
+        C, D = config.d_model, config.head_dim
+        self.Wq = column_linear(C, self.n_heads * D, config.use_parallel)
+        self.Wk = column_linear(C, self.n_kv_heads * D, config.use_parallel)
+        self.Wv = column_linear(C, self.n_kv_heads * D, config.use_parallel)
+        self.Wo = row_linear(self.n_heads * D, C, config.use_parallel)
+        self.q_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(D, config.norm_eps) if config.qk_norm else None
+        self.cache = KVCache(config.max_batch_size, config.max_seq_len, self.n_local_kv_heads, D)
+
+    @property
+    def cache_k(self) -> torch.Tensor | None:
+        return self.cache.cache_k
+
+    @property
+    def cache_v(self) -> torch.Tensor | None:
+        return self.cache.cache_v
+
+    def forward(self, x: torch.Tensor, start_pos: int, freq_cis: torch.Tensor | None,
+                mask: torch.Tensor | None, kv_cache: bool = True, *, is_causal: bool = False) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C).
+
+        start_pos: position of x[:, 0]; freq_cis: (T, D/2) rotations for those positions, or None
+        for a NoPE layer; mask: (T, S) boolean or None; kv_cache: use the cache if the config
+        enables it and the module is in eval mode (training never reads or writes it).
+        """
+        B, T, _ = x.shape
+        xq = self.Wq(x).view(B, T, self.n_local_heads, self.head_dim)     # (B, T, H, D)
+        xk = self.Wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, K, D)
+        xv = self.Wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, K, D)
+        if self.q_norm is not None:
+            xq, xk = self.q_norm(xq), self.k_norm(xk)
+        if freq_cis is not None:
+            xq, xk = apply_rope(xq, xk, freq_cis)
+        if kv_cache and self.config.kv_cache and not self.training:
+            xk, xv = self.cache.update(start_pos, xk, xv)  # (B, S, K, D), S = start_pos + T
+        out = attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), mask,  # (B, H, T, D)
+                        is_causal=is_causal, backend=self.config.attn_backend,
+                        dropout_p=self.config.dropout if self.training else 0.0,
+                        flash_block_size=self.config.flash_block_size)
+        return self.Wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * D) -> (B, T, C)

@@ -1,0 +1,206 @@
+"""`TlamaConfig`: every hyperparameter of the model in one validated, immutable dataclass.
+
+Field names follow Llama (and the seed `001_*.txt`): `d_model n_layers n_heads n_kv_heads vocab_size
+max_seq_len max_batch_size rope_theta norm_eps multiple_of ffn_dim_multiplier`. Derived values
+(`head_dim`, `n_rep`, `ffn_dim`) are properties, so they can never disagree with the fields.
+A config is never mutated: make a changed copy with `config.replace(n_layers=4)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+ATTN_BACKENDS = ("sdpa", "naive", "flash")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama-3.1-style RoPE frequency scaling for context extension (see `rope.scale_freqs`).
+
+    Wavelengths longer than `original_max_seq_len / low_freq_factor` are slowed down by `factor`,
+    those shorter than `original_max_seq_len / high_freq_factor` are kept, and the band between
+    is interpolated smoothly.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_seq_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.factor < 1.0:
+            raise ValueError(f"rope_scaling.factor ({self.factor}) must be >= 1.0")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                f"rope_scaling needs 0 < low_freq_factor ({self.low_freq_factor}) "
+                f"< high_freq_factor ({self.high_freq_factor})")
+        if self.original_max_seq_len <= 0:
+            raise ValueError(f"rope_scaling.original_max_seq_len ({self.original_max_seq_len}) must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlamaConfig:
+    """Hyperparameters of a `Transformer`. Validated at construction; see `PRESETS` for named sizes."""
+
+    # --- shape (seed 001) ---
+    vocab_size: int = 32000
+    d_model: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int | None = None          # None: = n_heads (MHA); 1: MQA; in between: GQA
+    multiple_of: int = 256                 # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None      # exact SwiGLU hidden size (overrides the rule; used for HF models)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    max_batch_size: int = 32               # rows of the preallocated KV cache
+    weight_init: tuple[float, float] = (0.02, 0.0)  # (std, mean) of the normal init
+    use_parallel: bool = True              # shard linears over a tensor-parallel group, if one is set up
+    kv_cache: bool = True                  # use the KV cache in eval-mode inference (never in training)
+    # --- training-time extras ---
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    attn_backend: Literal["sdpa", "naive", "flash"] = "sdpa"
+    flash_block_size: int = 64             # query/key tile size of the flash backend
+    blockwise_chunk_size: int | None = None  # chunk the FFN, LM head and loss over tokens (seed 002)
+    # --- modern variants (seed 003) ---
+    rope_scaling: RopeScaling | None = None
+    qk_norm: bool = False                  # RMSNorm on each head's q and k before RoPE (Qwen3)
+    sliding_window: int | None = None      # each query sees at most this many keys (itself included)
+    attention_chunk_size: int | None = None  # chunked local attention on RoPE layers (Llama 4)
+    nope_layer_interval: int | None = None   # every Nth layer uses no positional encoding (NoPE)
+    parallel_block: bool = False           # PaLM: x + attn(norm(x)) + ffn(norm(x)) with one shared norm
+    # --- mixture of experts ---
+    n_experts: int | None = None           # None: dense FFN everywhere
+    n_experts_per_tok: int = 2             # top-k
+    moe_hidden_dim: int | None = None      # expert hidden size (default: the dense rule)
+    moe_layer_interval: int = 1            # layer i is MoE when (i + 1) % interval == 0
+    moe_shared_expert: bool = False        # a dense expert every token also goes through
+    moe_norm_topk_prob: bool = True        # renormalise the top-k router weights to sum to 1 (Mixtral)
+    moe_aux_loss_coef: float = 0.01        # weight of the load-balancing loss added to the LM loss
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "weight_init", tuple(float(v) for v in self.weight_init))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "multiple_of", "max_seq_len",
+                     "max_batch_size", "flash_block_size", "moe_layer_interval", "n_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        for name in ("n_kv_heads", "ffn_hidden_dim", "blockwise_chunk_size", "sliding_window",
+                     "attention_chunk_size", "nope_layer_interval", "n_experts", "moe_hidden_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"{name} ({value!r}) must be a positive integer or None")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
+            raise ValueError(f"ffn_dim_multiplier ({self.ffn_dim_multiplier}) must be positive or None")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps ({self.norm_eps}) must be positive")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta ({self.rope_theta}) must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout ({self.dropout}) must be in [0, 1)")
+        if len(self.weight_init) != 2 or not self.weight_init[0] > 0:
+            raise ValueError(f"weight_init ({self.weight_init}) must be (std, mean) with std > 0")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend ({self.attn_backend!r}) must be one of {ATTN_BACKENDS}")
+        if self.sliding_window is not None and self.attention_chunk_size is not None:
+            raise ValueError("sliding_window and attention_chunk_size are mutually exclusive; set one of them")
+        if self.attn_backend == "flash" and (self.sliding_window or self.attention_chunk_size or self.dropout):
+            raise ValueError("attn_backend='flash' supports plain causal attention without dropout; "
+                             "unset sliding_window/attention_chunk_size/dropout or use attn_backend='sdpa'")
+        if self.n_experts is not None and self.n_experts_per_tok > self.n_experts:
+            raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= n_experts ({self.n_experts})")
+        if self.moe_aux_loss_coef < 0:
+            raise ValueError(f"moe_aux_loss_coef ({self.moe_aux_loss_coef}) must be >= 0")
+
+    # --- derived values ---
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (n_kv_heads, or n_heads when it is None)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.n_heads // self.kv_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden size of the dense SwiGLU (the seed's rule applied to 4 * d_model)."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        return ffn_hidden_size(4 * self.d_model, self.multiple_of, self.ffn_dim_multiplier)
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.n_experts is not None and (layer_id + 1) % self.moe_layer_interval == 0
+
+    def is_nope_layer(self, layer_id: int) -> bool:
+        return self.nope_layer_interval is not None and (layer_id + 1) % self.nope_layer_interval == 0
+
+    # --- copies and serialisation ---
+    def replace(self, **changes: Any) -> "TlamaConfig":
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TlamaConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown TlamaConfig fields {unknown}; known fields: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "TlamaConfig":
+        """A named preset (see `PRESETS`), optionally with some fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def ffn_hidden_size(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Llama's SwiGLU sizing: 2/3 of `hidden_dim` (SwiGLU has three matrices, not two, so this keeps
+    the parameter count of a 4x GELU MLP), times the multiplier, rounded up to `multiple_of`."""
+    hidden = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+# Named sizes. `tiny` is what tests and notebooks use; `char-cpu` is the default of
+# `python -m tlama_mini train`; `gpt2-small` has GPT-2 small's shape (124M with its vocabulary).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
+                 max_seq_len=128, max_batch_size=8),
+    "char-cpu": dict(vocab_size=65, d_model=192, n_layers=4, n_heads=6, n_kv_heads=6, multiple_of=32,
+                     max_seq_len=128, max_batch_size=16, tie_embeddings=True),
+    "char-gpu": dict(vocab_size=65, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, multiple_of=64,
+                     max_seq_len=256, max_batch_size=64, dropout=0.2),
+    "moe-tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
+                     max_seq_len=128, max_batch_size=8, n_experts=4, n_experts_per_tok=2),
+    "gpt2-small": dict(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, multiple_of=256,
+                       max_seq_len=1024, max_batch_size=8),
+    "llama-1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8,
+                     ffn_hidden_dim=8192, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=8192,
+                     max_batch_size=4, tie_embeddings=True,
+                     rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                              original_max_seq_len=8192)),
+}

@@ -1,0 +1,208 @@
+"""The model: `TransformerBlock` (pre-norm attention + FFN/MoE with residuals) and `Transformer`
+(embedding, blocks, final norm, LM head), with Llama's structure and names.
+
+    h = x + attention(attention_norm(x))        # the residual stream carries x through
+    out = h + ffn(ffn_norm(h))
+
+Legend: B batch, T sequence, C d_model, V vocab_size.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .config import TlamaConfig
+from .ffn import FeedForward
+from .masks import build_mask
+from .moe import MoE
+from .norm import RMSNorm
+from .rope import compute_freqs_cis
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, config: TlamaConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.config = config
+        self.attention = Attention(config)
+        if config.is_moe_layer(layer_id):
+            self.ffn: nn.Module = MoE(config.d_model, config.moe_hidden_dim or config.ffn_dim,
+                                      config.n_experts, config.n_experts_per_tok,
+                                      shared_expert=config.moe_shared_expert,
+                                      norm_topk_prob=config.moe_norm_topk_prob)
+        else:
+            self.ffn = FeedForward(config.d_model, config.ffn_dim, config.multiple_of,
+                                   config.ffn_dim_multiplier, config.use_parallel, exact=True)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn_norm = None if config.parallel_block else RMSNorm(config.d_model, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.use_rope = not config.is_nope_layer(layer_id)
+        # Llama 4 pairs chunked local attention with RoPE layers; NoPE layers attend globally.
+        self.chunk_size = config.attention_chunk_size if self.use_rope else None
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        chunk = self.config.blockwise_chunk_size
+        if chunk is not None and self.training:
+            from .blockwise import blockwise_ffn
+            return blockwise_ffn(self.ffn, x, chunk)
+        return self.ffn(x)
+
+    def forward(self, x: torch.Tensor, start_pos: int, freq_cis: torch.Tensor | None,
+                mask: torch.Tensor | None, kv_cache: bool = True, *, is_causal: bool = False) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C). Arguments as in `Attention.forward`."""
+        freq_cis = freq_cis if self.use_rope else None
+        if self.config.parallel_block:  # PaLM: both branches read the same normalised input
+            hn = self.attention_norm(x)
+            a = self.attention(hn, start_pos, freq_cis, mask, kv_cache, is_causal=is_causal)
+            return x + self.dropout(a) + self.dropout(self._ffn(hn))
+        h = x + self.dropout(self.attention(self.attention_norm(x), start_pos, freq_cis, mask, kv_cache,
+                                            is_causal=is_causal))
+        return h + self.dropout(self._ffn(self.ffn_norm(h)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: TlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(TransformerBlock(i, config) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:  # one matrix for both ends (GPT-2, Llama 3.2 1B)
+            self.output.weight = self.token_emb.weight
+        self._freq_cis: dict[torch.device, torch.Tensor] = {}
+        self.apply(self._init_weights)
+
+    @property
+    def freq_cis(self) -> torch.Tensor:
+        """RoPE rotations for positions 0..max_seq_len-1: (max_seq_len, head_dim/2), complex64, on
+        the model's device. Kept out of the state dict and computed once per device, so casting the
+        model to bf16 can never round the rotations."""
+        device = self.token_emb.weight.device
+        if device not in self._freq_cis:
+            c = self.config
+            self._freq_cis[device] = compute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta,
+                                                       c.rope_scaling).to(device)
+        return self._freq_cis[device]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(mean, std) for linears and embeddings (config.weight_init = (std, mean)); the
+        projections that write into the residual stream (Wo, w2) get std / sqrt(2 n_layers) so the
+        stream's variance does not grow with depth (GPT-2)."""
+        std, mean = self.config.weight_init
+        if isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__.endswith("ParallelLinear"):
+            nn.init.normal_(module.weight, mean=mean, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, TransformerBlock):
+            scaled = std / math.sqrt(2 * self.config.n_layers)
+            ffn = module.ffn
+            down = [module.attention.Wo.weight, ffn.w2] if isinstance(ffn, MoE) else \
+                [module.attention.Wo.weight, ffn.w2.weight]
+            for w in down:
+                nn.init.normal_(w, mean=mean, std=scaled)
+            if isinstance(ffn, MoE):
+                for w in (ffn.w1, ffn.w3):
+                    nn.init.normal_(w, mean=mean, std=std)
+
+    def _check_input(self, tokens: torch.Tensor, start_pos: int) -> None:
+        c = self.config
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be integer ids (torch.long), got {tokens.dtype}")
+        T = tokens.shape[1]
+        if T == 0:
+            raise ValueError("tokens is empty: give at least one token per row")
+        if start_pos < 0 or start_pos + T > c.max_seq_len:
+            raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len ({c.max_seq_len}): "
+                             f"crop the input to at most {c.max_seq_len - start_pos} tokens, or build the "
+                             "model with a larger max_seq_len")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= c.vocab_size:
+            raise ValueError(f"token ids must be in [0, {c.vocab_size}) (vocab_size); got ids from {lo} to {hi}. "
+                             "Was the text encoded with the tokenizer this model was built for?")
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, targets: torch.Tensor | None = None,
+                *, kv_cache: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """tokens (B, T) -> (logits (B, T, V), loss or None).
+
+        With `targets` (B, T) the loss is the mean next-token cross-entropy (ignore_index=-100),
+        plus `moe_aux_loss_coef` times the load-balancing loss of MoE layers. With
+        config.blockwise_chunk_size set, training computes the loss chunk by chunk and returns
+        logits=None. kv_cache: None (default) uses the cache in eval mode without targets.
+        """
+        self._check_input(tokens, start_pos)
+        B, T = tokens.shape
+        c = self.config
+        if kv_cache is None:
+            kv_cache = targets is None
+        use_cache = kv_cache and c.kv_cache and not self.training
+        if use_cache and B > c.max_batch_size:
+            raise ValueError(f"batch size {B} exceeds max_batch_size ({c.max_batch_size}) of the KV cache; use a "
+                             "smaller batch, raise max_batch_size, or call model(..., kv_cache=False)")
+        h = self.dropout(self.token_emb(tokens))  # (B, T, C)
+        freq_cis = self.freq_cis[start_pos:start_pos + T]  # (T, D/2)
+        q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
+        k_pos = torch.arange(0, start_pos + T, device=tokens.device) if use_cache else q_pos
+        masks: dict[int | None, torch.Tensor | None] = {}
+        for layer in self.layers:
+            chunk = layer.chunk_size
+            if chunk is None and c.sliding_window is None:  # plain causal: let the kernel build it
+                mask, is_causal = None, T > 1
+            else:
+                if chunk not in masks:
+                    masks[chunk] = build_mask(q_pos, k_pos, sliding_window=c.sliding_window, chunk_size=chunk)
+                mask, is_causal = masks[chunk], False
+            h = layer(h, start_pos, freq_cis, mask, use_cache, is_causal=is_causal)
+        h = self.norm(h)  # (B, T, C)
+        if targets is None:
+            return self.output(h), None  # (B, T, V)
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
+        if c.blockwise_chunk_size is not None and self.training:
+            from .blockwise import blockwise_lm_head_loss
+            logits, loss = None, blockwise_lm_head_loss(h, self.output.weight, targets, c.blockwise_chunk_size)
+        else:
+            logits = self.output(h)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        aux = [layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, MoE)]
+        if aux and c.moe_aux_loss_coef > 0:
+            loss = loss + c.moe_aux_loss_coef * torch.stack(aux).sum()
+        return logits, loss
+
+    def reset_cache(self) -> None:
+        """Free every layer's KV cache."""
+        for layer in self.layers:
+            layer.attention.cache.reset()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and not self.config.tie_embeddings:
+            n -= self.token_emb.weight.numel()
+        return n
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, device_type: str,
+                             master_process: bool = True, betas: tuple[float, float] = (0.9, 0.95)
+                             ) -> torch.optim.AdamW:
+        """AdamW with two groups: matrices and embeddings decay, vectors (norm weights) do not.
+        The fused CUDA kernel is used only when every parameter really is on CUDA, whatever
+        `device_type` says, so a CPU model given device_type='cuda' still works."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        on_cuda = all(p.device.type == "cuda" for p in params)
+        fused = on_cuda and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        if master_process:
+            print(f"optimizer: {len(decay)} decayed tensors ({sum(p.numel() for p in decay):,} params), "
+                  f"{len(no_decay)} not decayed ({sum(p.numel() for p in no_decay):,} params); "
+                  f"fused AdamW: {fused} (asked for device_type={device_type!r})")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8, **({"fused": True} if fused else {}))

@@ -1,0 +1,107 @@
+"""Mixture of experts (Shazeer et al., 2017; Switch Transformer, Fedus et al., 2021; Mixtral, 2024).
+
+A router scores every token against E experts (each a SwiGLU MLP); each token goes through its
+top-k experts only, and their outputs are mixed with the router's weights. Parameters grow with E,
+compute per token only with k. An optional shared expert sees every token (DeepSeek-MoE, Llama 4).
+
+Two implementations share the same weights and are tested equal:
+- `moe_loop`: for each expert, pick its tokens and run them (the readable reference);
+- `MoE.forward`: sort the token->expert assignments by expert, pad each expert's group to the
+  largest group and run all experts at once with batched matmuls (no Python loop over experts).
+
+Load balancing (Switch Transformer eq. 4): aux = E * sum_e f_e * P_e, where f_e is the fraction of
+assignments that went to expert e and P_e the mean router probability of e. It is 1 when the load
+is perfectly even and grows as the router collapses onto few experts.
+Legend: N tokens (B * T flattened), C d_model, E experts, k experts per token, F expert hidden size.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ffn import FeedForward
+
+
+def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """router_logits (N, E) -> (weights (N, k), experts (N, k), probs (N, E)). Softmax in float32."""
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E)
+    weights, experts = torch.topk(probs, k, dim=-1)        # (N, k) each
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts, probs
+
+
+def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """probs (N, E), experts (N, k) -> scalar E * sum_e f_e * P_e (1.0 when perfectly balanced)."""
+    E = probs.shape[-1]
+    counts = torch.bincount(experts.flatten(), minlength=E).to(probs.dtype)  # (E,)
+    f = counts / experts.numel()   # fraction of assignments per expert
+    P = probs.mean(dim=0)          # mean router probability per expert
+    return E * (f * P).sum()
+
+
+def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with explicit weights in nn.Linear layout: x (..., C), w1/w3 (F, C), w2 (C, F)."""
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts. forward(x) returns y; the load-balancing loss of that call is
+    kept in `self.aux_loss` (a scalar tensor, part of the autograd graph) for the model to add."""
+
+    def __init__(self, d_model: int, hidden_dim: int, n_experts: int, k: int, *,
+                 shared_expert: bool = False, norm_topk_prob: bool = True) -> None:
+        super().__init__()
+        if not 1 <= k <= n_experts:
+            raise ValueError(f"experts per token k ({k}) must be between 1 and n_experts ({n_experts})")
+        self.n_experts, self.k, self.norm_topk_prob = n_experts, k, norm_topk_prob
+        self.gate = nn.Linear(d_model, n_experts, bias=False)                  # router
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, d_model))   # (E, F, C) gate
+        self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden_dim))   # (E, C, F) down
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, d_model))   # (E, F, C) up
+        for w in (self.w1, self.w2, self.w3):
+            nn.init.normal_(w, std=0.02)
+        self.shared = (FeedForward(d_model, hidden_dim, use_parallel=False, exact=True)
+                       if shared_expert else None)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (..., C), batched over experts."""
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # (N, C)
+        weights, experts, probs = route(self.gate(xf), self.k, self.norm_topk_prob)
+        self.aux_loss = load_balancing_loss(probs, experts)
+        flat_expert = experts.flatten()                  # (N k,)
+        order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)   # (E,)
+        starts = torch.cumsum(counts, 0) - counts                       # (E,)
+        sorted_expert = flat_expert[order]
+        slot = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]  # rank within group
+        capacity = int(counts.max())
+        token = order // self.k                          # which token each sorted assignment belongs to
+        grouped = xf.new_zeros(self.n_experts, capacity, shape[-1])  # (E, cap, C), zero padded
+        grouped[sorted_expert, slot] = xf[token]
+        h = F.silu(grouped @ self.w1.transpose(1, 2)) * (grouped @ self.w3.transpose(1, 2))  # (E, cap, F)
+        out = h @ self.w2.transpose(1, 2)                # (E, cap, C)
+        w = weights.flatten()[order].to(x.dtype)         # (N k,) router weight of each assignment
+        y = torch.zeros_like(xf).index_add_(0, token, out[sorted_expert, slot] * w[:, None])  # (N, C)
+        if self.shared is not None:
+            y = y + self.shared(xf)
+        return y.reshape(shape)
+
+
+def moe_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Reference MoE forward with the same weights: a plain loop over experts. (..., C) -> (..., C)."""
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])  # (N, C)
+    weights, experts, _ = route(moe.gate(xf), moe.k, moe.norm_topk_prob)
+    y = torch.zeros_like(xf)
+    for e in range(moe.n_experts):
+        token, which = torch.where(experts == e)  # tokens routed to e, and in which of their k slots
+        if token.numel():
+            out = expert_ffn(xf[token], moe.w1[e], moe.w2[e], moe.w3[e])  # (n_e, C)
+            y.index_add_(0, token, out * weights[token, which, None].to(x.dtype))
+    if moe.shared is not None:
+        y = y + moe.shared(xf)
+    return y.reshape(shape)

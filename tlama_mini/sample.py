@@ -1,0 +1,110 @@
+"""Autoregressive generation: one prefill pass over the prompt fills the KV cache, then each decode
+step feeds only the newest token at its position (`start_pos`) and reads the past from the cache.
+
+Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, optionally keep only
+the top_k most likely tokens and/or the smallest set whose probability reaches top_p (nucleus
+sampling, Holtzman et al. 2019), then draw from the softmax with a seedable generator.
+Legend: B batch, T prompt length, V vocab_size.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .model import Transformer
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set all but the k largest logits of each row to -inf. (B, V) -> (B, V)."""
+    if k <= 0:
+        raise ValueError(f"top_k ({k}) must be a positive integer")
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability reaches p (always at
+    least the most likely one); set the rest to -inf. (B, V) -> (B, V)."""
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p ({p}) must be in (0, 1]")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass strictly before each token
+    drop_sorted = before >= p                      # the first token always has before = 0 < p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits of the last position (B, V) -> next token ids (B,)."""
+    if temperature < 0:
+        raise ValueError(f"temperature ({temperature}) must be >= 0 (0 means greedy)")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop_token: int | None = None,
+                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) step by step (for printing as text appears).
+    Rows that produced `stop_token` keep yielding it; the stream ends when all rows have stopped.
+    use_cache=False recomputes the whole sequence every step (the slow reference)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 0")
+    B, T = tokens.shape
+    cfg = model.config
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt length ({T}) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
+                         f"exceeds max_seq_len ({cfg.max_seq_len}); shorten the prompt or generate fewer tokens")
+    use_cache = use_cache and cfg.kv_cache
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        seq = tokens
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        logits, _ = model(tokens, 0, kv_cache=use_cache)  # prefill: (B, T, V)
+        for step in range(max_new_tokens):
+            nxt = sample_next_token(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                    generator=generator)  # (B,)
+            if stop_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+                done |= nxt == stop_token
+            yield nxt
+            if step == max_new_tokens - 1 or (stop_token is not None and bool(done.all())):
+                return
+            if use_cache:  # decode: only the new token, at its position
+                logits, _ = model(nxt[:, None], T + step, kv_cache=True)  # (B, 1, V)
+            else:
+                seq = torch.cat([seq, nxt[:, None]], dim=1)
+                logits, _ = model(seq, 0, kv_cache=False)  # (B, T + step + 1, V)
+    finally:
+        model.train(was_training)
+
+
+def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_token: int | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Continue each row of `tokens` (B, T): returns (B, T + n) with n <= max_new_tokens (fewer when
+    every row has emitted `stop_token`; rows that stopped early are padded with it)."""
+    new = list(generate_stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, stop_token=stop_token, use_cache=use_cache))
+    if not new:
+        return tokens
+    return torch.cat([tokens, torch.stack(new, dim=1)], dim=1)
