@@ -1,0 +1,13 @@
+"""Test-wide setup, loaded for tests/, notebooks/ and solutions/ alike (nbval kernels inherit it).
+
+Points the package at the offline data beside the checkout (../shared/data) unless the caller has
+already chosen a location, so no test or notebook ever needs the network.
+"""
+import os
+from pathlib import Path
+
+_DATA = (Path(__file__).resolve().parent.parent / "shared" / "data").resolve()
+if _DATA.is_dir():
+    os.environ.setdefault("TLAMA_DATA_DIR", str(_DATA))
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_DATA / "tiktoken" / "cache"))
+os.environ.setdefault("MPLBACKEND", "Agg")
