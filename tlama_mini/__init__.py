@@ -2,7 +2,8 @@
 
 Module map (one concept each): config, norm, rope, masks, attention, kv_cache, ffn, moe, model,
 sample (generation), training, parallel (tensor parallelism), flash (tiled attention), blockwise
-(chunked FFN / LM head / loss), tokenizer, data, hf (Hugging Face checkpoints).
+(chunked FFN / LM head / loss), tokenizer, paths (offline data lookup), data, trainer, checkpoint,
+hf (Hugging Face checkpoints), device, checks (exercise checks).
 
 Glossary: our names (Llama's) and what other code calls them.
 
@@ -35,14 +36,15 @@ from .model import Transformer, TransformerBlock
 from .moe import MoE, load_balancing_loss, moe_loop
 from .norm import RMSNorm
 from .rope import apply_rope, compute_freqs_cis, reshape_for_broadcast
+from .tokenizer import BPETokenizer, CharTokenizer, get_tokenizer, load_tokenizer
 from .sample import generate, generate_stream, sample_next_token, top_k_filter, top_p_filter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Attention", "FeedForward", "KVCache", "MoE", "PRESETS", "RMSNorm", "RopeScaling", "TlamaConfig",
+    "Attention", "BPETokenizer", "CharTokenizer", "FeedForward", "KVCache", "MoE", "PRESETS", "RMSNorm", "RopeScaling", "TlamaConfig",
     "Transformer", "TransformerBlock", "apply_rope", "attention", "build_mask", "causal_mask",
-    "compute_freqs_cis", "create_chunked_attention_mask", "generate", "generate_stream",
+    "compute_freqs_cis", "create_chunked_attention_mask", "generate", "generate_stream", "get_tokenizer", "load_tokenizer",
     "load_balancing_loss", "moe_loop", "naive_attention", "repeat_kv", "reshape_for_broadcast",
     "sample_next_token", "sliding_window_mask", "top_k_filter", "top_p_filter",
 ]

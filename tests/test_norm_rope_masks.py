@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+
+from tlama_mini import (RMSNorm, RopeScaling, apply_rope, build_mask, causal_mask, compute_freqs_cis,
+                        create_chunked_attention_mask, reshape_for_broadcast, sliding_window_mask)
+from tlama_mini.rope import scale_freqs
+
+
+def test_rmsnorm_equals_torch_builtin_and_formula():
+    x = torch.randn(3, 7, 32)
+    ours = RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(32))
+    ref = torch.nn.RMSNorm(32, eps=1e-5)
+    ref.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-5)
+    formula = x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * ours.weight
+    torch.testing.assert_close(ours(x), formula, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours._norm(x), formula / ours.weight, atol=1e-5, rtol=1e-4)
+
+
+def test_rmsnorm_rejects_wrong_width():
+    with pytest.raises(ValueError, match="expects last dim 32"):
+        RMSNorm(32)(torch.randn(2, 16))
+
+
+def _rotate_naive(x, pos, theta=10000.0):
+    """Rotate each adjacent pair (2i, 2i+1) of x (T, D) by pos * theta^(-2i/D) with 2x2 matrices."""
+    T, D = x.shape
+    out = torch.empty_like(x, dtype=torch.float64)
+    for t in range(T):
+        for i in range(D // 2):
+            a = pos[t] * theta ** (-2 * i / D)
+            c, s = math.cos(a), math.sin(a)
+            x0, x1 = float(x[t, 2 * i]), float(x[t, 2 * i + 1])
+            out[t, 2 * i], out[t, 2 * i + 1] = c * x0 - s * x1, s * x0 + c * x1
+    return out
+
+
+def test_apply_rope_equals_rotation_matrices():
+    T, D = 6, 8
+    freqs = compute_freqs_cis(D, 16)
+    assert freqs.shape == (16, D // 2) and freqs.is_complex()
+    xq, xk = torch.randn(1, T, 2, D), torch.randn(1, T, 1, D)
+    start = 5
+    q, k = apply_rope(xq, xk, freqs[start:start + T])
+    pos = list(range(start, start + T))
+    torch.testing.assert_close(q[0, :, 1].double(), _rotate_naive(xq[0, :, 1], pos), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k[0, :, 0].double(), _rotate_naive(xk[0, :, 0], pos), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    D = 16
+    freqs = compute_freqs_cis(D, 64)
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def score(m, n):
+        qm, _ = apply_rope(q, q, freqs[m:m + 1])
+        kn, _ = apply_rope(k, k, freqs[n:n + 1])
+        return (qm * kn).sum().item()
+
+    assert score(10, 3) == pytest.approx(score(40, 33), abs=1e-4)
+    assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-4)
+
+
+def test_rope_scaling_equals_transformers_llama3():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    D, theta = 64, 500000.0
+    cfg = LlamaConfig(hidden_size=D * 4, num_attention_heads=4, rope_theta=theta, max_position_embeddings=131072,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    base = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ours = scale_freqs(base, RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=8192))
+    torch.testing.assert_close(ours.float(), inv_freq.float(), rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(ours, base)  # scaling changed the low frequencies
+
+
+def test_reshape_for_broadcast_errors_on_mismatch():
+    x = torch.randn(2, 5, 3, 4)  # (B, T, H, D/2) complex view shape
+    assert reshape_for_broadcast(torch.randn(5, 4), x).shape == (1, 5, 1, 4)
+    with pytest.raises(ValueError, match="slice freqs_cis"):
+        reshape_for_broadcast(torch.randn(9, 4), x)
+
+
+def test_masks_from_positions_equal_loops():
+    T, start, window, chunk = 5, 3, 3, 4
+    S = start + T
+    m_causal, m_window, m_chunk = (causal_mask(T, start), sliding_window_mask(T, window, start),
+                                   create_chunked_attention_mask(T, chunk, start))
+    for i in range(T):
+        q = start + i
+        for k in range(S):
+            assert m_causal[i, k] == (k <= q)
+            assert m_window[i, k] == (k <= q and q - k < window)
+            assert m_chunk[i, k] == (k <= q and q // chunk == k // chunk)
+
+
+def test_sliding_window_as_wide_as_context_is_causal():
+    assert torch.equal(sliding_window_mask(12, 12), causal_mask(12))
+    assert torch.equal(build_mask(torch.arange(4), torch.arange(4), causal=False), torch.ones(4, 4, dtype=torch.bool))
