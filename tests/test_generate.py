@@ -1,0 +1,83 @@
+"""Generation: greedy = an argmax loop written here, seeded sampling is reproducible, the top-k /
+top-p filters equal naive versions, stop tokens end rows."""
+import pytest
+import torch
+
+from tlama_mini import TlamaConfig, Transformer, generate, generate_stream, top_k_filter, top_p_filter
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(TlamaConfig.from_preset("tiny", max_seq_len=40)).eval()
+
+
+def test_greedy_equals_argmax_loop(model):
+    prompt = torch.randint(0, 256, (2, 5))
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(10):  # the slowest, most obvious way: rerun everything, take the argmax
+            seq = torch.cat([seq, model(seq, kv_cache=False)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generate(model, prompt, 10, temperature=0), seq)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+    prompt = torch.randint(0, 256, (1, 4))
+    a = generate(model, prompt, 15, temperature=1.0, top_k=20, top_p=0.9, seed=1)
+    b = generate(model, prompt, 15, temperature=1.0, top_k=20, top_p=0.9, seed=1)
+    c = generate(model, prompt, 15, temperature=1.0, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (1, 19)
+    assert model.training is False
+
+
+def test_stream_yields_the_same_tokens(model):
+    prompt = torch.randint(0, 256, (1, 4))
+    streamed = torch.stack(list(generate_stream(model, prompt, 8, temperature=0)), 1)
+    assert torch.equal(generate(model, prompt, 8, temperature=0)[:, 4:], streamed)
+
+
+def test_stop_token_ends_each_row(model):
+    prompt = torch.randint(0, 256, (2, 4))
+    free = generate(model, prompt, 12, temperature=0)
+    stop = int(free[0, 6])  # the 3rd generated token of row 0
+    out = generate(model, prompt, 12, temperature=0, stop_token=stop)
+    row0 = out[0, 4:].tolist()
+    assert row0[:row0.index(stop) + 1] == free[0, 4:4 + row0.index(stop) + 1].tolist()
+    assert all(t == stop for t in row0[row0.index(stop):])  # padded with the stop token after it
+    assert out.shape[1] <= free.shape[1]
+
+
+def test_top_k_filter_keeps_k_largest():
+    logits = torch.randn(3, 50)
+    out = top_k_filter(logits, 5)
+    for row, orig in zip(out, logits):
+        kept = torch.isfinite(row).nonzero().flatten()
+        assert sorted(kept.tolist()) == sorted(orig.topk(5).indices.tolist())
+        torch.testing.assert_close(row[kept], orig[kept])
+
+
+def test_top_p_filter_equals_a_naive_nucleus():
+    logits = torch.randn(4, 30)
+    for p in (0.1, 0.5, 0.9, 1.0):
+        out = top_p_filter(logits, p)
+        for row, orig in zip(out, logits):
+            probs = torch.softmax(orig, -1)
+            order = probs.argsort(descending=True).tolist()
+            keep, total = [], 0.0
+            for i in order:  # take tokens in order of probability until the mass reaches p
+                keep.append(i)
+                total += probs[i].item()
+                if total >= p:
+                    break
+            assert sorted(torch.isfinite(row).nonzero().flatten().tolist()) == sorted(keep)
+
+
+def test_sampling_argument_errors(model):
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, prompt, 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt, 2, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, prompt, 2, top_k=0)
