@@ -58,7 +58,7 @@ def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 def _rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate the adjacent pairs of x (B, T, H, D) by freqs_cis (T, D/2); computed in float32."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2) complex
+    xc = torch.view_as_complex(x.float().contiguous().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2) complex
     out = torch.view_as_real(xc * reshape_for_broadcast(freqs_cis, xc))  # (B, T, H, D/2, 2)
     return out.flatten(3).type_as(x)  # (B, T, H, D)
 
