@@ -15,7 +15,7 @@ def test_presets_build_and_round_trip(name):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(n_heads=16, n_kv_heads=5, d_model=512), "n_heads (16) must be divisible by n_kv_heads (5)"),
     (dict(d_model=100, n_heads=16), "d_model (100) must be divisible by n_heads (16)"),
-    (dict(d_model=48, n_heads=16), "head_dim = d_model / n_heads = 3 must be even"),
+    (dict(d_model=48, n_heads=16), "head_dim (3) must be even"),
     (dict(vocab_size=-5), "vocab_size (-5) must be a positive integer"),
     (dict(n_layers=0), "n_layers (0) must be a positive integer"),
     (dict(max_seq_len=2.5), "max_seq_len (2.5) must be a positive integer"),
@@ -54,6 +54,7 @@ def test_derived_values():
     cfg = TlamaConfig(d_model=1024, n_heads=16, n_kv_heads=4)
     assert (cfg.head_dim, cfg.n_rep, cfg.kv_heads) == (64, 4, 4)
     assert TlamaConfig(d_model=1024, n_heads=16).kv_heads == 16
+    assert TlamaConfig(d_model=100, n_heads=4, attn_head_dim=32).head_dim == 32
     assert TlamaConfig(rope_scaling={"factor": 4.0}).rope_scaling == RopeScaling(factor=4.0)
 
 

@@ -61,6 +61,7 @@ CASES = {  # name: (architecture, config overrides)
         rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=64))),
     "qwen3-qknorm-gqa": ("Qwen3ForCausalLM", dict(head_dim=16)),
+    "qwen3-wide-heads": ("Qwen3ForCausalLM", dict(head_dim=32)),  # head_dim != hidden / heads, as in real Qwen3
     "mixtral-moe-gqa-top2": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "mixtral-sliding-window": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                           sliding_window=4)),
@@ -215,7 +216,6 @@ def test_missing_directory_config_or_weights(tmp_path, ckpt):
     (dict(mlp_bias=True), "mlp_bias=True"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0)), "rope_type 'yarn'"),
-    (dict(head_dim=32), "head_dim=32"),
 ])
 def test_unsupported_config_is_named(ckpt, changes, message):
     edit_config(ckpt, **changes)

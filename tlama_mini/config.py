@@ -50,6 +50,7 @@ class TlamaConfig:
     n_layers: int = 8
     n_heads: int = 8
     n_kv_heads: int | None = None          # None: = n_heads (MHA); 1: MQA; in between: GQA
+    attn_head_dim: int | None = None       # width of one head; None: d_model // n_heads (Qwen3 sets it apart)
     multiple_of: int = 256                 # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
     ffn_hidden_dim: int | None = None      # exact SwiGLU hidden size (overrides the rule; used for HF models)
@@ -91,17 +92,18 @@ class TlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        for name in ("n_kv_heads", "ffn_hidden_dim", "blockwise_chunk_size", "sliding_window",
+        for name in ("n_kv_heads", "attn_head_dim", "ffn_hidden_dim", "blockwise_chunk_size", "sliding_window",
                      "attention_chunk_size", "nope_layer_interval", "n_experts", "moe_hidden_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} ({value!r}) must be a positive integer or None")
-        if self.d_model % self.n_heads:
+        if self.attn_head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE")
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE: pick d_model / n_heads "
+                             "(or attn_head_dim) even")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
             raise ValueError(f"ffn_dim_multiplier ({self.ffn_dim_multiplier}) must be positive or None")
         if not self.norm_eps > 0:
@@ -132,7 +134,7 @@ class TlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim if self.attn_head_dim is not None else self.d_model // self.n_heads
 
     @property
     def n_rep(self) -> int:

@@ -109,9 +109,8 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
         if hf.get(key, ok) != ok:
             raise ValueError(f"unsupported {key}={hf[key]!r} in config.json; tlama_mini needs {key}={ok!r}")
     d_model, n_heads = need("hidden_size"), need("num_attention_heads")
-    if hf.get("head_dim") not in (None, d_model // n_heads) or d_model % n_heads:
-        raise ValueError(f"unsupported head_dim={hf.get('head_dim')}: tlama_mini needs head_dim = hidden_size / "
-                         f"num_attention_heads = {d_model} / {n_heads}")
+    head_dim = hf.get("head_dim")
+    attn_head_dim = None if head_dim is None or (not d_model % n_heads and head_dim == d_model // n_heads) else head_dim
     rope_theta, rope_scaling = _rope_from_hf(hf, theta)
     sliding = hf.get("sliding_window") if arch == "MixtralForCausalLM" else None
     if arch == "Qwen3ForCausalLM" and hf.get("use_sliding_window"):
@@ -121,7 +120,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
             raise ValueError(f"unsupported layer_types {sorted(kinds)}: tlama_mini needs one kind in all layers")
         sliding = need("sliding_window")
     fields = dict(vocab_size=need("vocab_size"), d_model=d_model, n_layers=need("num_hidden_layers"),
-                  n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                  n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, attn_head_dim=attn_head_dim,
                   ffn_hidden_dim=need("intermediate_size"), norm_eps=float(hf.get("rms_norm_eps", eps)),
                   rope_theta=rope_theta, rope_scaling=rope_scaling, sliding_window=sliding,
                   max_seq_len=hf.get("max_position_embeddings", max_pos),
