@@ -17,6 +17,7 @@ VARIANTS = {
     "parallel_block": dict(parallel_block=True),
     "tied_scaled_rope": dict(tie_embeddings=True, rope_scaling=dict(factor=4.0, original_max_seq_len=16)),
     "naive_backend": dict(attn_backend="naive"),
+    "xpos": dict(xpos_scale_base=64),
 }
 
 

@@ -5,7 +5,7 @@ import torch
 
 from tlama_mini import (RMSNorm, RopeScaling, apply_rope, build_mask, causal_mask, compute_freqs_cis,
                         create_chunked_attention_mask, reshape_for_broadcast, sliding_window_mask)
-from tlama_mini.rope import scale_freqs
+from tlama_mini.rope import scale_freqs, xpos_scale
 
 
 def test_rmsnorm_equals_torch_builtin_and_formula():
@@ -103,3 +103,23 @@ def test_masks_from_positions_equal_loops():
 def test_sliding_window_as_wide_as_context_is_causal():
     assert torch.equal(sliding_window_mask(12, 12), causal_mask(12))
     assert torch.equal(build_mask(torch.arange(4), torch.arange(4), causal=False), torch.ones(4, 4, dtype=torch.bool))
+
+
+def test_xpos_scores_decay_with_relative_distance_only():
+    D, base = 16, 32
+    freqs = compute_freqs_cis(D, 80)
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def score(m, n, xpos=True):
+        qm, _ = apply_rope(q, q, freqs[m:m + 1])
+        kn, _ = apply_rope(k, k, freqs[n:n + 1])
+        if xpos:
+            qm, kn = qm * xpos_scale(D, m, 1, base), kn / xpos_scale(D, n, 1, base)
+        return (qm * kn).sum().item()
+
+    assert score(50, 20) == pytest.approx(score(70, 40), rel=1e-4)
+    # zeta ** ((m - n) / base) per pair: written out for one case
+    zeta = ((torch.arange(0, D, 2) / D + 0.4) / 1.4).repeat_interleave(2)
+    qm, _ = apply_rope(q, q, freqs[30:31])
+    kn, _ = apply_rope(k, k, freqs[10:11])
+    assert score(30, 10) == pytest.approx((qm * kn * zeta ** (20 / base)).sum().item(), rel=1e-4)

@@ -25,7 +25,7 @@ from .kv_cache import KVCache
 from .masks import build_mask
 from .norm import RMSNorm
 from .parallel import column_linear, row_linear, tp_world_size
-from .rope import apply_rope
+from .rope import apply_rope, xpos_scale
 
 
 def repeat_kv(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -142,6 +142,9 @@ class Attention(nn.Module):
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         if freq_cis is not None:
             xq, xk = apply_rope(xq, xk, freq_cis)
+            if self.config.xpos_scale_base is not None:  # keys are cached already scaled
+                scale = xpos_scale(self.head_dim, start_pos, T, self.config.xpos_scale_base, device=x.device)
+                xq, xk = xq * scale[:, None, :].to(xq.dtype), xk / scale[:, None, :].to(xk.dtype)  # (T, 1, D) bcast
         if kv_cache and self.config.kv_cache and not self.training:
             xk, xv = self.cache.update(start_pos, xk, xv)  # (B, S, K, D), S = start_pos + T
         out = attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), mask,  # (B, H, T, D)

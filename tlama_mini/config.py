@@ -69,6 +69,7 @@ class TlamaConfig:
     blockwise_chunk_size: int | None = None  # chunk the FFN, LM head and loss over tokens (seed 002)
     # --- modern variants (seed 003) ---
     rope_scaling: RopeScaling | None = None
+    xpos_scale_base: int | None = None     # xPos decay on top of RoPE (seed 000); None: plain RoPE
     qk_norm: bool = False                  # RMSNorm on each head's q and k before RoPE (Qwen3)
     sliding_window: int | None = None      # each query sees at most this many keys (itself included)
     attention_chunk_size: int | None = None  # chunked local attention on RoPE layers (Llama 4)
@@ -93,7 +94,7 @@ class TlamaConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         for name in ("n_kv_heads", "attn_head_dim", "ffn_hidden_dim", "blockwise_chunk_size", "sliding_window",
-                     "attention_chunk_size", "nope_layer_interval", "n_experts", "moe_hidden_dim"):
+                     "attention_chunk_size", "nope_layer_interval", "xpos_scale_base", "n_experts", "moe_hidden_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} ({value!r}) must be a positive integer or None")

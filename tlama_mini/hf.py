@@ -139,6 +139,7 @@ def _hf_architecture(c: TlamaConfig, requested: str | None) -> str:
         (c.nope_layer_interval is not None, f"NoPE layers (nope_layer_interval={c.nope_layer_interval})"),
         (c.attention_chunk_size is not None, f"chunked attention (attention_chunk_size={c.attention_chunk_size})"),
         (c.parallel_block, "the parallel block (parallel_block=True)"),
+        (c.xpos_scale_base is not None, f"xPos (xpos_scale_base={c.xpos_scale_base})"),
         (c.moe_shared_expert, "a shared expert (moe_shared_expert=True)"),
         (c.n_experts is not None and c.moe_layer_interval != 1,
          f"MoE in only some layers (moe_layer_interval={c.moe_layer_interval})"),

@@ -63,6 +63,17 @@ def _rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return out.flatten(3).type_as(x)  # (B, T, H, D)
 
 
+def xpos_scale(head_dim: int, start_pos: int, seq_len: int, scale_base: int, gamma: float = 0.4,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """xPos (Sun et al., 2022, "A Length-Extrapolatable Transformer"): per-pair factors
+    zeta_i = (2i / D + gamma) / (1 + gamma) < 1, raised to n / scale_base at position n. Queries are
+    multiplied and keys divided by them, so a score is scaled by zeta ** ((n - m) / scale_base): it
+    decays smoothly with distance on top of RoPE's rotation. Returns (T, D), pairs adjacent."""
+    zeta = (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim + gamma) / (1 + gamma)
+    pos = torch.arange(start_pos, start_pos + seq_len, dtype=torch.float32, device=device)  # (T,)
+    return (zeta[None, :] ** (pos[:, None] / scale_base)).repeat_interleave(2, dim=-1)  # (T, D/2) -> (T, D)
+
+
 def apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate queries (B, T, H, D) and keys (B, T, K, D) by their positions' angles (T, D/2).
     Returns (xq, xk) with the same shapes and dtypes."""
