@@ -1,0 +1,161 @@
+"""Time and peak memory of naive, SDPA and tiled (flash-style) causal attention.
+
+    python benchmarks/bench_attention.py                 # T = 1024 2048 4096 8192, B=1, H=8, D=64, fp32
+    python benchmarks/bench_attention.py --quick         # T = 256 512 (CI)
+    python benchmarks/bench_attention.py --out benchmarks/attention.md
+
+Every (device, method, length) runs in a fresh Python process so the measurements cannot disturb one
+another. Peak memory is the extra memory above the state right before the call:
+- CPU: the process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs on
+  Linux; ru_maxrss elsewhere) minus the resident set before the call. tracemalloc cannot see
+  torch's allocations, so it is not used.
+- CUDA: torch.cuda.max_memory_allocated minus the memory allocated before the call.
+Time is the best of --repeats runs after the measured one (which doubles as warm-up). Each child
+saves its output; the parent reports the max |difference| from the naive output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("naive", "sdpa", "flash")
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_kib() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r // 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB on Linux
+
+
+def _attend(method: str, q, k, v, block: int):
+    if method == "naive":
+        from tlama_mini.attention import naive_attention
+        return naive_attention(q, k, v, is_causal=True)
+    if method == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    from tlama_mini.flash import flash_attention
+    return flash_attention(q, k, v, True, block_size=block)
+
+
+def child(a: argparse.Namespace) -> None:
+    """Run one measurement and print it as JSON."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, a.heads, a.length, a.dim, generator=g, device=device) for _ in range(3))
+    _attend(a.method, q[:, :, :8], k[:, :, :8], v[:, :, :8], a.block)  # load kernels, import modules
+    with torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            out = _attend(a.method, q, k, v, a.block)
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+        else:
+            reset = _reset_peak()  # without it the high-water mark may still hold an earlier peak
+            base = _rss_kib("VmRSS") if reset else _maxrss_kib()
+            out = _attend(a.method, q, k, v, a.block)
+            peak = ((_rss_kib("VmHWM") if reset else _maxrss_kib()) - base) / 1024
+        times = []
+        for _ in range(a.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _attend(a.method, q, k, v, a.block)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    torch.save(out.cpu(), a.save)
+    print(json.dumps({"ms": 1000 * min(times), "peak_mib": peak}))
+
+
+def measure(device: str, method: str, length: int, a: argparse.Namespace, save: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--device", device, "--method", method,
+           "--length", str(length), "--heads", str(a.heads), "--dim", str(a.dim), "--block", str(a.block),
+           "--repeats", str(a.repeats), "--save", save] + (["--threads", str(a.threads)] if a.threads else [])
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{method} at T={length} on {device} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--quick", action="store_true", help="lengths 256 512, for CI")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--block", type=int, default=128, help="tile size of the flash method")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice); 1 gives "
+                   "steadier numbers on a busy machine")
+    # internal: one measurement in a fresh process
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        return child(a)
+    lengths = [256, 512] if a.quick else a.lengths
+    devices = a.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines = [f"Causal attention forward, B=1, H={a.heads}, D={a.dim}, fp32, flash tiles {a.block}x{a.block}; "
+             f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+             f"{a.threads or torch.get_num_threads()} threads, CPU cores {os.cpu_count()}.", "",
+             "| device | T | method | time (ms, best of %d) | peak extra memory (MiB) | max abs diff vs naive |"
+             % a.repeats, "|---|---:|---|---:|---:|---:|"]
+    summary = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for device in devices:
+            for T in lengths:
+                rows = {}
+                for method in METHODS:
+                    save = os.path.join(tmp, f"{device}_{T}_{method}.pt")
+                    r = measure(device, method, T, a, save)
+                    diff = (torch.load(save) - torch.load(os.path.join(tmp, f"{device}_{T}_naive.pt"))).abs().max()
+                    rows[method] = r
+                    lines.append(f"| {device} | {T} | {method} | {r['ms']:.1f} | {r['peak_mib']:.1f} | {diff:.1e} |")
+                    print(lines[-1], flush=True)
+                ratio = rows["flash"]["peak_mib"] / max(rows["naive"]["peak_mib"], 1e-9)
+                summary.append(f"- {device}, T={T}: flash peak memory = {ratio:.3f} x naive; "
+                               f"naive's (H, T, T) fp32 scores alone = {a.heads * T * T * 4 / 2**20:.0f} MiB")
+    text = "\n".join(lines + [""] + summary) + "\n"
+    print("\n" + text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
