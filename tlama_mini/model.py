@@ -124,7 +124,7 @@ class Transformer(nn.Module):
             raise ValueError(f"positions {start_pos}..{start_pos + T - 1} exceed max_seq_len ({c.max_seq_len}): "
                              f"crop the input to at most {c.max_seq_len - start_pos} tokens, or build the "
                              "model with a larger max_seq_len")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(tokens)).tolist())  # one device sync for both
         if lo < 0 or hi >= c.vocab_size:
             raise ValueError(f"token ids must be in [0, {c.vocab_size}) (vocab_size); got ids from {lo} to {hi}. "
                              "Was the text encoded with the tokenizer this model was built for?")
