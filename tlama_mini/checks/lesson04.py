@@ -140,7 +140,7 @@ def check_multi_head_attention(fn) -> None:
     B, T, H, D = 2, random.choice([3, 5, 6]), 4, 8
     C = H * D
     config = TlamaConfig(vocab_size=16, d_model=C, n_layers=1, n_heads=H, max_seq_len=16, max_batch_size=B,
-                         kv_cache=False, weight_init=(0.3, 0.0))
+                         kv_cache=False)
     layer = Attention(config)
     for w in (layer.Wq.weight, layer.Wk.weight, layer.Wv.weight, layer.Wo.weight):
         torch.nn.init.normal_(w, std=C ** -0.5)

@@ -1,0 +1,111 @@
+"""The lesson 03 (RoPE) checks accept a correct solution and reject typical mistakes by name."""
+import math
+
+import pytest
+import torch
+
+from tlama_mini.checks.common import ExerciseFailed
+from tlama_mini.checks.lesson03 import (check_apply_rope, check_relative_score, check_rope_frequencies,
+                                        check_scale_rope_frequencies)
+from tlama_mini.config import RopeScaling
+from tlama_mini.rope import scale_freqs
+
+
+# --- correct implementations, written independently of tlama_mini (real arithmetic, no complex numbers)
+def rope_frequencies(dim, theta=10000.0):
+    return theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+
+
+def rotate(x, freqs_cis):  # x (B, T, H, D), adjacent pairs
+    cos, sin = freqs_cis.real[None, :, None, :], freqs_cis.imag[None, :, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def apply_rope(xq, xk, freqs_cis):
+    return rotate(xq, freqs_cis), rotate(xk, freqs_cis)
+
+
+def relative_score(q, k, m, n, theta=10000.0):
+    f = rope_frequencies(q.shape[-1], theta)
+    # <R(m) q, R(n) k> = <q, R(n - m) k>: rotate only k by the difference
+    ang = (n - m) * f
+    k0, k1 = k[0::2].double(), k[1::2].double()
+    c, s = torch.cos(ang), torch.sin(ang)
+    rk = torch.stack([k0 * c - k1 * s, k0 * s + k1 * c], -1).flatten()
+    return (q.double() @ rk).float()
+
+
+def scale_rope_frequencies(freqs, factor, low_freq_factor, high_freq_factor, original_max_seq_len):
+    out = []
+    for f in freqs.tolist():
+        wl = 2 * math.pi / f
+        if wl > original_max_seq_len / low_freq_factor:
+            out.append(f / factor)
+        elif wl < original_max_seq_len / high_freq_factor:
+            out.append(f)
+        else:
+            s = (original_max_seq_len / wl - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append((1 - s) * f / factor + s * f)
+    return torch.tensor(out, dtype=freqs.dtype)
+
+
+def test_correct_solutions_pass(capsys):
+    for _ in range(3):  # fresh random shapes each time
+        check_rope_frequencies(rope_frequencies)
+        check_apply_rope(apply_rope)
+        check_relative_score(relative_score)
+        check_scale_rope_frequencies(scale_rope_frequencies)
+    assert capsys.readouterr().out.count("✓") == 12
+
+
+def fails_with(check, fn, *words):
+    with pytest.raises(ExerciseFailed) as e:
+        check(fn)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_frequency_mistakes():
+    fails_with(check_rope_frequencies, lambda d, t=1e4: t ** (-torch.arange(d // 2) / d), "-i/dim instead of -2i/dim")
+    fails_with(check_rope_frequencies, lambda d, t=1e4: t ** (torch.arange(0, d, 2) / d), "wrong sign")
+    fails_with(check_rope_frequencies, lambda d, t=1e4: t ** (-torch.arange(d) / d), "one frequency per *pair*")
+
+
+def test_rope_mistakes():
+    def halves(x, f):
+        h = x.shape[-1] // 2
+        cos, sin = f.real[None, :, None], f.imag[None, :, None]
+        return torch.cat([x[..., :h] * cos - x[..., h:] * sin, x[..., :h] * sin + x[..., h:] * cos], -1)
+
+    fails_with(check_apply_rope, lambda q, k, f: (halves(q, f), halves(k, f)), "rotating the wrong pairs")
+    fails_with(check_apply_rope, lambda q, k, f: apply_rope(q, k, f.conj()), "-angle")
+    fails_with(check_apply_rope, lambda q, k, f: (rotate(q, f), k), "forgot to rotate k")
+    fails_with(check_apply_rope, lambda q, k, f: rotate(q, f), "expected a pair")
+
+
+def test_relative_score_mistakes():
+    fails_with(check_relative_score, lambda q, k, m, n, t=1e4: q @ k, "does not depend on the positions")
+    fails_with(check_relative_score, lambda q, k, m, n, t=1e4: relative_score(q, k, n, m, t), "swapped")
+    fails_with(check_relative_score, lambda q, k, m, n, t=1e4: relative_score(q, k, m, n, t) / math.sqrt(q.numel()),
+               "sqrt(D)")
+
+
+def test_scaling_mistakes():
+    fails_with(check_scale_rope_frequencies, lambda f, factor, *rest: f / factor, "position interpolation")
+    fails_with(check_scale_rope_frequencies, lambda f, *rest: f.clone(), "nothing changed")
+
+    def no_interp(f, factor, lo, hi, orig):  # hard switch: scale whatever is not clearly high-frequency
+        wl = 2 * math.pi / f
+        return torch.where(wl < orig / hi, f, f / factor)
+
+    fails_with(check_scale_rope_frequencies, no_interp, "not interpolated")
+
+
+def test_scaling_reference_is_llama31():
+    # independent spot check of the reference itself: Llama 3.1's published constants
+    freqs = rope_frequencies(128, 500000.0)
+    scaled = scale_freqs(freqs, RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_seq_len=8192))
+    assert torch.equal(scaled[:10], freqs[:10])                         # high frequencies kept
+    assert torch.allclose(scaled[-10:], freqs[-10:] / 8)                # low frequencies divided by 8

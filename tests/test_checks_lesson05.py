@@ -1,0 +1,65 @@
+"""The lesson 05 (GQA / MQA) checks accept a correct solution and reject typical mistakes by name."""
+import math
+
+import pytest
+import torch
+
+from tlama_mini.checks.common import ExerciseFailed
+from tlama_mini.checks.lesson05 import check_gqa_attention, check_kv_cache_bytes, check_repeat_kv
+
+
+# --- correct implementations, written independently of tlama_mini
+def repeat_kv(kv, n_rep):
+    return kv.repeat_interleave(n_rep, dim=2)
+
+
+def gqa_attention(q, k, v, mask=None):
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    qg = q.view(B, K, H // K, T, D)  # group the query heads by their kv head: no copy of k, v
+    s = qg @ k[:, :, None].transpose(-2, -1) / math.sqrt(D)  # (B, K, n_rep, T, S)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(s, -1) @ v[:, :, None]).view(B, H, T, D)
+
+
+def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch, dtype_bytes):
+    return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch * dtype_bytes
+
+
+def test_correct_solutions_pass(capsys):
+    for _ in range(3):
+        check_repeat_kv(repeat_kv)
+        check_gqa_attention(gqa_attention)
+        check_kv_cache_bytes(kv_cache_bytes)
+    assert capsys.readouterr().out.count("✓") == 9
+
+
+def fails_with(check, fn, *words):
+    with pytest.raises(ExerciseFailed) as e:
+        check(fn)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_repeat_kv_mistakes():
+    fails_with(check_repeat_kv, lambda kv, n: kv.repeat(1, 1, n, 1), "tiled", "h // n_rep")
+    fails_with(check_repeat_kv, lambda kv, n: kv.repeat_interleave(n, dim=1), "wrong shape")
+
+
+def test_gqa_attention_mistakes():
+    def tiled(q, k, v, mask=None):
+        n = q.shape[1] // k.shape[1]
+        return gqa_attention(q, k.repeat(1, n, 1, 1), v.repeat(1, n, 1, 1), mask)
+
+    fails_with(check_gqa_attention, tiled, "tiled")
+    fails_with(check_gqa_attention, lambda q, k, v, mask=None: gqa_attention(q * math.sqrt(q.shape[-1]), k, v, mask),
+               "sqrt(head_dim)")
+    fails_with(check_gqa_attention, lambda q, k, v, mask=None: gqa_attention(q, k, v, None), "mask is ignored")
+
+
+def test_kv_cache_bytes_mistakes():
+    fails_with(check_kv_cache_bytes, lambda L, K, D, S, B, b: L * K * D * S * B * b, "factor 2")
+    fails_with(check_kv_cache_bytes, lambda L, K, D, S, B, b: 2 * L * K * D * S * B * b / 2**30, "GiB")
+    fails_with(check_kv_cache_bytes, lambda L, K, D, S, B, b: 2 * L * K * D * S * B, "dtype_bytes")
+    fails_with(check_kv_cache_bytes, lambda L, K, D, S, B, b: None, "return")

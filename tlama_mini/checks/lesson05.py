@@ -1,0 +1,109 @@
+"""Checks for lesson 05 (GQA / MQA). Each check_<name>(fn) calls the learner's fn on fresh random
+inputs, compares with `tlama_mini.attention`, and names the mistake when it can.
+
+Legend: B batch, T queries, S keys, H query heads, K kv heads, n_rep = H / K, D head_dim.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from ..attention import attention, naive_attention
+from ..attention import repeat_kv as ref_repeat_kv
+from ..masks import causal_mask
+from .common import check_tensor, fail, passed
+
+__all__ = ["check_repeat_kv", "check_gqa_attention", "check_kv_cache_bytes"]
+
+
+def _tiled(kv: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
+    """The classic wrong order: kv.repeat(...) tiles the heads, so head h gets kv head h % K."""
+    reps = [1] * kv.ndim
+    reps[dim] = n_rep
+    return kv.repeat(*reps)
+
+
+def check_repeat_kv(fn) -> None:
+    """fn(kv, n_rep) with kv (B, S, K, D) -> (B, S, K * n_rep, D); output head h is kv head h // n_rep."""
+    name = "repeat_kv"
+    B, S, K, D = 2, random.randint(3, 6), random.choice([2, 3]), 4
+    n_rep = random.choice([2, 4])
+    kv = torch.randn(B, S, K, D)
+    expected = ref_repeat_kv(kv, n_rep)  # (B, S, K * n_rep, D)
+    mistakes = {
+        f"the heads are tiled (kv.repeat): output head h uses kv head h % K, but query head h belongs to the "
+        f"group of kv head h // n_rep (here head 1 must use kv head {1 // n_rep}, not {1 % K}); use "
+        "repeat_interleave(n_rep, dim=2), or expand a new axis after K and reshape": _tiled(kv, n_rep, 2),
+    }
+    diff = check_tensor(name, fn(kv.clone(), n_rep), expected, atol=0, rtol=0, mistakes=mistakes,
+                        hint="kv is (B, S, K, D): the heads are dim 2")
+    check_tensor(name + " (n_rep=1)", fn(kv.clone(), 1), kv, atol=0, rtol=0)
+    passed(name, f"max abs diff {diff:.1e}, kv {tuple(kv.shape)} with n_rep={n_rep} -> {tuple(expected.shape)}")
+
+
+def check_gqa_attention(fn) -> None:
+    """fn(q, k, v, mask) with q (B, H, T, D), k/v (B, K, S, D), mask (T, S) bool or None -> (B, H, T, D)."""
+    name = "gqa_attention"
+    B, K, n_rep, T, D = 2, 2, random.choice([2, 3]), random.randint(3, 7), 8
+    H = K * n_rep
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
+    mask = causal_mask(T)
+    expected = attention(q, k, v, mask, backend="naive")  # (B, H, T, D)
+    k_rep, v_rep = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)  # (B, H, S, D), the right copies
+    mistakes = {
+        "the kv heads are tiled (repeat) instead of interleaved (repeat_interleave): query head h must use kv "
+        "head h // n_rep": lambda: naive_attention(q, _tiled(k, n_rep, 1), _tiled(v, n_rep, 1), mask),
+        "the scores are not divided by sqrt(head_dim)":
+            lambda: attention(q * math.sqrt(D), k, v, mask, backend="naive"),
+        "the mask is ignored": lambda: attention(q, k, v, None, backend="naive"),
+        "the mask is applied after the softmax":
+            lambda: (torch.softmax(q @ k_rep.transpose(-2, -1) / math.sqrt(D), -1) * mask) @ v_rep,
+    }
+    diff = check_tensor(name, fn(q, k, v, mask), expected, mistakes=mistakes,
+                        hint="here k and v are (B, K, S, D): the heads are dim 1, not dim 2 as in repeat_kv")
+    check_tensor(name + " (MHA: K = H)", fn(q, q.clone(), v_rep, None), naive_attention(q, q, v_rep))
+    passed(name, f"max abs diff {diff:.1e} with H={H}, K={K}, T={T}")
+
+
+def check_kv_cache_bytes(fn) -> None:
+    """fn(n_layers, n_kv_heads, head_dim, seq_len, batch, dtype_bytes) -> int: bytes of the K and V caches."""
+    name = "kv_cache_bytes"
+    cases = [(32, 32, 128, 4096, 1, 2), (80, 8, 128, 8192, 4, 2), (32, 1, 64, 2048, 8, 4), (2, 4, 16, 128, 3, 1)]
+    cases.append((random.randint(1, 96), random.choice([1, 2, 4, 8, 16]), random.choice([64, 128, 256]),
+                  random.randint(1, 32768), random.randint(1, 16), random.choice([1, 2, 4])))
+    outs = []
+    for args in cases:
+        out = fn(*args)
+        if isinstance(out, torch.Tensor) and out.numel() == 1:
+            out = out.item()
+        if isinstance(out, bool) or not isinstance(out, int | float):
+            fail(name, f"kv_cache_bytes{args} returned {type(out).__name__}, expected a number of bytes",
+                 "did you forget a `return`?")
+        outs.append(out)
+    right = [2 * L * K * D * S * B * nb for L, K, D, S, B, nb in cases]
+    if all(o == r for o, r in zip(outs, right)):
+        passed(name, f"{len(cases)} shapes, e.g. Llama-2-7B at 4096 tokens in bf16: {right[0] / 2**30:g} GiB")
+        return
+    # which wrong formula explains *every* answer?
+    mistakes = {
+        "half the right answer: you forgot the factor 2 (a key AND a value are cached for every layer, "
+        "head and position)": [r / 2 for r in right],
+        "that is GiB (2**30 bytes); return the number of bytes": [r / 2**30 for r in right],
+        "that is GB (1e9 bytes); return the number of bytes": [r / 1e9 for r in right],
+        "that is MiB (2**20 bytes); return the number of bytes": [r / 2**20 for r in right],
+        "the element size dtype_bytes is missing (that counts numbers, not bytes)":
+            [r / c[-1] for r, c in zip(right, cases)],
+        "that is one layer; every layer has its own cache (multiply by n_layers)":
+            [r / c[0] for r, c in zip(right, cases)],
+        "the batch size is missing: every sequence of the batch has its own cache":
+            [r / c[4] for r, c in zip(right, cases)],
+    }
+    for mistake, values in mistakes.items():
+        if all(math.isclose(o, v, rel_tol=1e-9) for o, v in zip(outs, values)):
+            i = next(i for i, (o, r) in enumerate(zip(outs, right)) if o != r)
+            fail(name, f"kv_cache_bytes{cases[i]} = {outs[i]:,}: {mistake}")
+    i = next(i for i, (o, r) in enumerate(zip(outs, right)) if o != r)
+    fail(name, f"kv_cache_bytes{cases[i]} = {outs[i]:,}, expected {right[i]:,} = 2 * n_layers * n_kv_heads * "
+               "head_dim * seq_len * batch * dtype_bytes")
