@@ -28,6 +28,10 @@ from .parallel import column_linear, row_linear, tp_world_size
 from .rope import apply_rope, xpos_scale
 
 
+# torch >= 2.5 lets SDPA share kv heads across query groups without copying them (enable_gqa).
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def repeat_kv(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, S, K, D) -> (B, S, K * n_rep, D): each kv head repeated n_rep times, adjacent copies
     (head h of the output uses kv head h // n_rep)."""
@@ -78,19 +82,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
                              "use backend='sdpa' for explicit masks")
         from .flash import flash_attention  # imported lazily: flash.py builds on this module
         return flash_attention(q, k, v, causal=is_causal, block_size=flash_block_size)
-    if K != H:  # share each kv head with its group of query heads: (B, K, S, D) -> (B, H, S, D)
+    if backend not in ("naive", "sdpa"):
+        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'naive' or 'flash'")
+    gqa_kernel = backend == "sdpa" and _SDPA_HAS_GQA and K != H
+    if K != H and not gqa_kernel:  # share each kv head with its group of query heads: (B, K, S, D) -> (B, H, S, D)
         k = repeat_kv(k.transpose(1, 2), H // K).transpose(1, 2)
         v = repeat_kv(v.transpose(1, 2), H // K).transpose(1, 2)
     if backend == "naive":
         return naive_attention(q, k, v, mask, is_causal=is_causal, dropout_p=dropout_p)
-    if backend != "sdpa":
-        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'naive' or 'flash'")
     if is_causal and T != S:  # SDPA's is_causal is top-left aligned; decoding needs bottom-right
         causal = _causal_bottom_right(T, S, q.device)
         mask, is_causal = (causal if mask is None else mask & causal), False
     if is_causal and mask is not None:
         mask, is_causal = mask & _causal_bottom_right(T, S, q.device), False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p)
+    extra = {"enable_gqa": True} if gqa_kernel else {}  # the kernel reads each kv head once per group
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, **extra)
 
 
 class Attention(nn.Module):
