@@ -1,6 +1,6 @@
 """tlama_mini: a small, tested, modern LLM in PyTorch, built to be read.
 
-Module map (one concept each): config, norm, rope, masks, attention, kv_cache, ffn, moe, model,
+Module map (one concept each): config, embeddings (absolute positions), norm, rope, masks, attention, kv_cache, ffn, moe, model,
 sample (generation), training, parallel (tensor parallelism), flash (tiled attention), blockwise
 (chunked FFN / LM head / loss), tokenizer, paths (offline data lookup), data, trainer, checkpoint,
 hf (Hugging Face checkpoints), device, checks (exercise checks).

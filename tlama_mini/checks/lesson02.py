@@ -1,0 +1,137 @@
+"""Checks for lesson 02 (embeddings and absolute positions). Each check_<name>(fn) calls the learner's
+fn on fresh random inputs, compares with tlama_mini (torch's embedding lookup, `tlama_mini.embeddings`),
+and names the mistake when it can."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..embeddings import add_positions, position_shift_matrix, sinusoidal_positions
+from .common import check_tensor, fail, passed
+
+# Only the checks: `from tlama_mini.checks.lesson02 import *` must not hand the reference solutions to the learner.
+__all__ = ["check_add_positions", "check_embed_lookup_onehot", "check_position_shift_matrix",
+           "check_sinusoidal_positions"]
+
+
+def _rand(lo: int, hi: int) -> int:
+    return int(torch.randint(lo, hi + 1, ()))
+
+
+def check_embed_lookup_onehot(fn) -> None:
+    """fn(ids (B, T) int64, table (V, C) float) -> (B, T, C), computed as one_hot(ids) @ table."""
+    name = "embed_lookup_onehot"
+    B, T, V, C = _rand(2, 3), _rand(4, 7), _rand(10, 20), _rand(5, 9)
+    table = torch.randn(V, C)
+    ids = torch.randint(0, V - 2, (B, T))  # the largest ids never occur: F.one_hot(ids) alone is too narrow
+    try:
+        out = fn(ids, table)
+    except RuntimeError as err:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "dtype" in msg or "Long" in msg:
+            fail(name, f"the matmul failed: {msg}",
+                 "F.one_hot returns int64; convert it with .to(table.dtype) before multiplying")
+        if "shape" in msg or "size" in msg:
+            fail(name, f"the matmul failed: {msg}",
+                 "the one-hot needs V columns: F.one_hot(ids) alone makes only max(ids) + 1, so pass "
+                 "num_classes=table.shape[0]; then multiply by the table (V, C) as it is, not transposed")
+        raise
+    expected = F.embedding(ids, table)  # (B, T, C): the lookup table[ids]
+    diff = check_tensor(name, out, expected, hint="one-hot rows (B, T, V) times the table (V, C) give (B, T, C)")
+    passed(name, f"max abs diff {diff:.1e}, ids {tuple(ids.shape)}, table ({V}, {C})")
+
+
+def check_sinusoidal_positions(fn) -> None:
+    """fn(n_pos, dim) -> (n_pos, dim) with pe[p, 2i] = sin(p w_i), pe[p, 2i+1] = cos(p w_i),
+    w_i = 10000 ** (-2i / dim)."""
+    name = "sinusoidal_positions"
+    n_pos, dim = _rand(30, 60), 2 * _rand(4, 12)  # n_pos > dim: a transposed table has the wrong shape
+    out = fn(n_pos, dim)
+    expected = sinusoidal_positions(n_pos, dim)
+    p = torch.arange(n_pos, dtype=torch.float64)[:, None]   # (P, 1)
+    i = torch.arange(0, dim, 2, dtype=torch.float64)         # (C/2,): 2i
+    j = torch.arange(dim, dtype=torch.float64)               # (C,): column index
+
+    def interleave(s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # (P, C/2) x2 -> (P, C)
+        return torch.stack([s, c], -1).flatten(1).float()
+
+    def table(freqs: torch.Tensor, start: int = 0) -> torch.Tensor:
+        a = (p + start) * freqs
+        return interleave(a.sin(), a.cos())
+
+    w = 10000.0 ** (-i / dim)
+    mistakes = {
+        "sin and cos are swapped (even columns 2i are sin, odd columns 2i+1 are cos)":
+            lambda: interleave((p * w).cos(), (p * w).sin()),
+        "the sines and cosines are concatenated [sin | cos] instead of interleaved (sin, cos, sin, cos, ...)":
+            lambda: torch.cat([(p * w).sin(), (p * w).cos()], -1).float(),
+        "the cosines come first and are concatenated [cos | sin]":
+            lambda: torch.cat([(p * w).cos(), (p * w).sin()], -1).float(),
+        "each column j uses its own exponent j/dim; both columns of pair i must share 10000**(-2i/dim)":
+            lambda: torch.where(j.long() % 2 == 0, (p * 10000.0 ** (-j / dim)).sin(),
+                                (p * 10000.0 ** (-j / dim)).cos()).float(),
+        "the exponent is i/dim instead of 2i/dim (use the column index 2i, or 2 * pair index)":
+            lambda: table(10000.0 ** (-(i / 2) / dim)),
+        "the exponent is missing its minus sign: w_i = 1 / 10000**(2i/dim), not 10000**(2i/dim)":
+            lambda: table(10000.0 ** (i / dim)),
+        "the exponent is not divided by dim: w_i = 10000**(-2i/dim)": lambda: table(10000.0 ** (-i)),
+        "the positions start at 1; they start at 0 (the first row is sin 0 = 0, cos 0 = 1)": lambda: table(w, 1),
+    }
+    diff = check_tensor(name, out, expected, atol=1e-4, mistakes=mistakes,
+                        hint="pe[p, 2i] = sin(p * 10000**(-2i/dim)), pe[p, 2i+1] = cos(same angle)")
+    passed(name, f"max abs diff {diff:.1e} for n_pos={n_pos}, dim={dim}")
+
+
+def check_add_positions(fn) -> None:
+    """fn(x (B, T, C), pos_table (P, C), start_pos) -> (B, T, C) = x + pos_table[start_pos:start_pos+T];
+    raises ValueError when start_pos + T > P."""
+    name = "add_positions"
+    B, T, C = _rand(2, 4), _rand(3, 6), _rand(4, 8)
+    P = T + _rand(6, 10)
+    x, table = torch.randn(B, T, C), torch.randn(P, C)
+    start = _rand(1, P - T)
+    x_before = x.clone()
+    out = fn(x, table, start)
+    if not torch.equal(x, x_before):
+        fail(name, "x was modified in place", "return x + ... (a new tensor) instead of x += ...")
+    mistakes = {
+        "start_pos is ignored: x starts at row start_pos of the table, not row 0": lambda: x + table[:T],
+        "only the positions are returned; add them to x": lambda: table[start:start + T].expand(B, T, C),
+    }
+    if start + T + 1 <= P:
+        mistakes["the table is sliced one row too late (rows start_pos+1 .. start_pos+T)"] = \
+            lambda: x + table[start + 1:start + T + 1]
+    diff = check_tensor(name, out, add_positions(x, table, start), mistakes=mistakes,
+                        hint="x (B, T, C) + pos_table[start_pos:start_pos + T] (T, C) broadcasts over B")
+    check_tensor(name + " (start_pos=0)", fn(x, table, 0), add_positions(x, table, 0))
+    try:
+        fn(torch.randn(B, P - 2, C), table, 3)
+    except ValueError:
+        pass
+    except Exception as err:
+        fail(name, f"a sequence that does not fit the table raised {type(err).__name__}, not ValueError",
+             "check start_pos + T <= P first and raise ValueError with a message that says what to change")
+    else:
+        fail(name, f"positions 3..{P} do not fit a table of {P} rows, but no error was raised",
+             "pos_table[a:b] silently returns fewer rows past the end; check start_pos + T <= P and raise ValueError")
+    passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)}, table ({P}, {C}), start_pos={start}")
+
+
+def check_position_shift_matrix(fn) -> None:
+    """fn(k, dim) -> M (dim, dim) with pe[p + k] = M @ pe[p] for the interleaved sinusoidal table."""
+    name = "position_shift_matrix"
+    k, dim = _rand(1, 12), 2 * _rand(3, 8)
+    M = fn(k, dim)
+    expected = position_shift_matrix(k, dim)
+    mistakes = {
+        "M is transposed: this matrix moves *back* k positions (pe[p - k] = M @ pe[p])": expected.T.contiguous(),
+        "M moves by 1 position whatever k is (the angle of pair i is k * w_i)": position_shift_matrix(1, dim),
+    }
+    if k == 1:
+        mistakes.pop("M moves by 1 position whatever k is (the angle of pair i is k * w_i)")
+    diff = check_tensor(name, M, expected, atol=1e-4, mistakes=mistakes,
+                        hint="pair (sin a, cos a) -> (sin(a+b), cos(a+b)) with b = k w_i: "
+                             "sin(a+b) = sin a cos b + cos a sin b, cos(a+b) = cos a cos b - sin a sin b")
+    pe = sinusoidal_positions(40 + k, dim)
+    moved = (pe[:-k] @ M.float().T - pe[k:]).abs().max().item()  # row p of pe[:-k] @ M^T is M @ pe[p]
+    passed(name, f"max abs diff {diff:.1e}; M @ pe[p] matches pe[p + {k}] to {moved:.1e} (dim={dim})")
