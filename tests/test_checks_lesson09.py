@@ -1,0 +1,142 @@
+"""The lesson 09 (KV cache and generation) checks accept a correct solution and reject typical
+mistakes by name."""
+import pytest
+import torch
+
+from tlama_mini.checks.common import ExerciseFailed
+from tlama_mini.checks.lesson09 import (check_cache_update, check_sample_loop, check_top_k_filter,
+                                        check_top_p_filter)
+
+NEG_INF = float("-inf")
+
+
+# --- correct implementations, written from the definitions (not from tlama_mini)
+def cache_update(cache_k, cache_v, xk, xv, start_pos):
+    B, T = xk.shape[:2]
+    cache_k[:B, start_pos:start_pos + T] = xk
+    cache_v[:B, start_pos:start_pos + T] = xv
+    return cache_k[:B, :start_pos + T], cache_v[:B, :start_pos + T]
+
+
+def top_k_filter(logits, k):
+    kth = logits.topk(k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits, p):
+    out = torch.full_like(logits, NEG_INF)
+    for b in range(logits.shape[0]):  # one row at a time, in plain Python
+        probs = torch.softmax(logits[b], -1)
+        total = 0.0
+        for i in torch.argsort(logits[b], descending=True).tolist():
+            if total >= p:
+                break
+            out[b, i] = logits[b, i]
+            total += probs[i].item()
+    return out
+
+
+def sample_loop(model, tokens, n, *, first_pos=lambda T, i: T + i, whole=False):
+    T = tokens.shape[1]
+    logits, _ = model(tokens, 0)
+    seq = tokens
+    for i in range(n):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], dim=1)
+        if i < n - 1:
+            logits, _ = model(seq, 0) if whole else model(nxt, first_pos(T, i))
+    return seq
+
+
+def test_correct_solutions_pass(capsys):
+    for _ in range(3):
+        check_cache_update(cache_update)
+        check_top_k_filter(top_k_filter)
+        check_top_p_filter(top_p_filter)
+        check_sample_loop(sample_loop)
+    assert capsys.readouterr().out.count("✓") == 12
+
+
+def fails_with(check, fn, *words):
+    with pytest.raises(ExerciseFailed) as e:
+        check(fn)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_cache_update_mistakes():
+    def written_at_zero(ck, cv, xk, xv, start_pos):
+        B, T = xk.shape[:2]
+        ck[:B, :T], cv[:B, :T] = xk, xv
+        return ck[:B, :start_pos + T], cv[:B, :start_pos + T]
+
+    def whole_buffer(ck, cv, xk, xv, start_pos):
+        cache_update(ck, cv, xk, xv, start_pos)
+        return ck, cv
+
+    def all_rows(ck, cv, xk, xv, start_pos):
+        T = xk.shape[1]
+        cache_update(ck, cv, xk, xv, start_pos)
+        return ck[:, :start_pos + T], cv[:, :start_pos + T]
+
+    def not_in_place(ck, cv, xk, xv, start_pos):
+        return cache_update(ck.clone(), cv.clone(), xk, xv, start_pos)
+
+    fails_with(check_cache_update, written_at_zero, "position 0 instead of start_pos")
+    fails_with(check_cache_update, whole_buffer, "whole buffer")
+    fails_with(check_cache_update, all_rows, "buffer rows")
+    fails_with(check_cache_update, lambda ck, cv, xk, xv, s: (xk, xv), "only the new positions")
+    fails_with(check_cache_update, not_in_place, "in place")
+
+
+def test_top_k_filter_mistakes():
+    def k_plus_one(logits, k):
+        return top_k_filter(logits, k + 1)
+
+    def zero_fill(logits, k):
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        return logits.masked_fill(logits < kth, 0.0)
+
+    fails_with(check_top_k_filter, k_plus_one, "k + 1")
+    fails_with(check_top_k_filter, lambda logits, k: top_k_filter(logits, k - 1), "k - 1")
+    fails_with(check_top_k_filter, zero_fill, "instead of -inf")
+    fails_with(check_top_k_filter, lambda logits, k: logits.topk(k, dim=-1).values, "only the top-k")
+
+
+def test_top_p_filter_mistakes():
+    def drops_crossing(logits, p):  # drop where the cumulative probability *including* the token > p
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        drop = torch.cumsum(torch.softmax(srt, -1), -1) > p
+        return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), NEG_INF)
+
+    def unsorted(logits, p):
+        probs = torch.softmax(logits, -1)
+        return logits.masked_fill(torch.cumsum(probs, -1) - probs >= p, NEG_INF)
+
+    def keeps_none_if_confident(logits, p):  # right on ordinary rows, empty on a confident one
+        out = top_p_filter(logits, p)
+        confident = torch.softmax(logits, -1).amax(-1) > p
+        return out.masked_fill(confident[:, None], NEG_INF)
+
+    fails_with(check_top_p_filter, drops_crossing, "crosses p")
+    fails_with(check_top_p_filter, unsorted, "vocabulary order")
+    fails_with(check_top_p_filter, keeps_none_if_confident, "no token is kept")
+
+
+def test_sample_loop_mistakes():
+    fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, whole=True), "whole sequence again")
+    fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, first_pos=lambda T, i: 0), "start_pos=0")
+    fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, first_pos=lambda T, i: T + i + 1),
+               "one too large")
+    fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, first_pos=lambda T, i: T + i - 1),
+               "one too small")
+    fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n)[:, t.shape[1]:], "only the new tokens")
+
+    def uncached(m, t, n):
+        seq = t
+        for _ in range(n):
+            logits, _ = m(seq, 0, kv_cache=False)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return seq
+
+    fails_with(check_sample_loop, uncached, "kv_cache=False")
