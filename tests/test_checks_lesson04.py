@@ -57,11 +57,12 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 18
 
 
-def fails_with(check, fn, *words):
+def fails_with(check, fn, *words) -> str:
     with pytest.raises(ExerciseFailed) as e:
         check(fn)
     for w in words:
         assert w in str(e.value), str(e.value)
+    return str(e.value)
 
 
 def test_causal_mask_mistakes():
@@ -71,11 +72,27 @@ def test_causal_mask_mistakes():
     fails_with(check_causal_mask, lambda T: torch.ones(T, T).tril(), "boolean")
 
 
+def test_stubs_are_reported_as_not_implemented():
+    def stub(*args):
+        raise NotImplementedError
+
+    for check in (check_causal_mask, check_masked_softmax, check_scaled_dot_product_attention, check_split_heads,
+                  check_merge_heads, check_multi_head_attention):
+        with pytest.raises(NotImplementedError):
+            check(stub)
+
+
 def test_masked_softmax_mistakes():
-    fails_with(check_masked_softmax, lambda s, m: torch.softmax(s.masked_fill(~m, float("-inf")), -1), "NaN")
+    fails_with(check_masked_softmax, lambda s, m: torch.softmax(s.masked_fill(~m, float("-inf")), -1), "NaN", "0/0")
     fails_with(check_masked_softmax, lambda s, m: torch.softmax(s.masked_fill(~m, -1e9), -1), "uniform")
-    fails_with(check_masked_softmax, lambda s, m: torch.softmax(s, -1) * m, "after the softmax")
+    e = fails_with(check_masked_softmax, lambda s, m: torch.softmax(s, -1) * m, "after the softmax")
+    assert "0/0" not in e, "the NaN hint must not be shown for an unrelated mistake"
     fails_with(check_masked_softmax, lambda s, m: torch.softmax(s, -1), "ignored")
+    # masked_fill fills where its argument is True: the classic inversion, with or without the NaN fix
+    fails_with(check_masked_softmax, lambda s, m: torch.softmax(s.masked_fill(m, float("-inf")), -1), "inverted")
+    fails_with(check_masked_softmax, lambda s, m: masked_softmax(s, ~m), "inverted")
+    # the mask may be (T, S) for (B, T, S) scores, as exercise 3 uses it
+    fails_with(check_masked_softmax, lambda s, m: masked_softmax(s, m.reshape(s.shape)), "(T, S) mask", "broadcast")
 
 
 def test_sdpa_mistakes():
@@ -84,11 +101,26 @@ def test_sdpa_mistakes():
     fails_with(check_scaled_dot_product_attention,
                lambda q, k, v, m=None: (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1)
                                         * (1 if m is None else m)) @ v, "after the softmax")
+    fails_with(check_scaled_dot_product_attention,
+               lambda q, k, v, m=None: sdpa(q / math.sqrt(q.shape[-1]), k, v, m), "instead of sqrt(head_dim)")
+    # masked_fill(m, -inf) blanks the *allowed* keys; the last query then sees nothing and comes out NaN
+    fails_with(check_scaled_dot_product_attention,
+               lambda q, k, v, m=None: sdpa(q, k, v, None if m is None else ~m), "inverted")
+
+    def no_none(q, k, v, m=None):  # correct with a mask, crashes without one
+        s = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~m, float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    fails_with(check_scaled_dot_product_attention, no_none, "mask=None", "TypeError")
 
 
 def test_head_reshape_mistakes():
     fails_with(check_split_heads, lambda x, H: x.reshape(x.shape[0], H, x.shape[1], -1), "wrong reshape order")
+    fails_with(check_split_heads, lambda x, H: x.view(*x.shape[:2], H, -1), "(B, T, H, D)", "transpose(1, 2)")
     fails_with(check_merge_heads, lambda x: x.reshape(x.shape[0], x.shape[2], -1), "wrong reshape order")
+    fails_with(check_merge_heads, lambda x: x.transpose(1, 2).view(x.shape[0], x.shape[2], -1), "not contiguous")
+    e = fails_with(check_merge_heads, lambda x: x.permute(0, 2, 3, 1).reshape(x.shape[0], x.shape[2], -1), "(D, H)")
+    assert "contiguous" not in e, "the .view hint must only be shown when .view crashed"
 
 
 def test_multi_head_attention_mistakes():
@@ -111,3 +143,14 @@ def test_multi_head_attention_mistakes():
     fails_with(check_multi_head_attention, no_wo, "Wo is missing")
     fails_with(check_multi_head_attention, untransposed, "untransposed")
     fails_with(check_multi_head_attention, scale_by_d_model, "sqrt(d_model)")
+    def inverted_mask(x, Wq, Wk, Wv, Wo, H, mask=None):
+        return mha(x, Wq, Wk, Wv, Wo, H, None if mask is None else ~mask)
+
+    fails_with(check_multi_head_attention, inverted_mask, "inverted")
+
+    def bad_helper(x, Wq, Wk, Wv, Wo, H, mask=None):  # a split_heads without the transpose breaks the matmuls
+        B, T, C = x.shape
+        q, k, v = ((x @ w.T).view(B, T, H, C // H) for w in (Wq, Wk, Wv))
+        return merge_heads(sdpa(q, k, v, mask)) @ Wo.T
+
+    fails_with(check_multi_head_attention, bad_helper, "crashed", "make their checks pass first")

@@ -7,16 +7,60 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Mapping
 
 import torch
 
 from ..attention import Attention, naive_attention
 from ..config import TlamaConfig
 from ..masks import causal_mask
-from .common import check_tensor, fail, passed
+from .common import ExerciseFailed, check_tensor, fail, passed
 
 __all__ = ["check_causal_mask", "check_masked_softmax", "check_scaled_dot_product_attention", "check_split_heads",
            "check_merge_heads", "check_multi_head_attention"]
+
+_INVERTED = ("the mask is inverted: masked_fill(m, value) writes where m is True, and True means *may attend*; "
+             "fill the forbidden positions, scores.masked_fill(~mask, float('-inf'))")
+_VIEW_AFTER_TRANSPOSE = ("after transpose(1, 2) the tensor is not contiguous in memory, so .view cannot merge H and "
+                         "D: use .reshape (or .contiguous().view)")
+_NAN_ROW = ("a query whose keys are all masked gets NaN (0/0); with a causal mask every query sees itself, "
+            "so check which positions you fill with -inf (True = may attend)")
+_HELPERS = ("multi_head_attention calls your split_heads, scaled_dot_product_attention and merge_heads: "
+            "make their checks pass first, the bug may be in one of them")
+
+
+def _call(name: str, fn: Callable, *args, hint: str = ""):
+    """Run the learner's fn; a crash becomes a failure with a hint (NotImplementedError means 'todo')."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        if "view size is not compatible" in str(e):
+            hint = _VIEW_AFTER_TRANSPOSE
+        fail(name, f"crashed with {type(e).__name__}: {e}", hint)
+
+
+def _compare(name: str, out, expected: torch.Tensor, *, mistakes: Mapping[str, Callable[[], torch.Tensor]],
+             hint: str = "", nan_hint: str = "", atol: float = 1e-5) -> float:
+    """check_tensor, plus: a known mistake is named even when its output has another shape or contains NaN
+    (an inverted causal mask leaves the last query no key), and `hint` is shown only when none matches."""
+    if isinstance(out, torch.Tensor):
+        got = out.detach().to(expected.dtype)
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=1e-4, equal_nan=True):
+            for mistake, make in mistakes.items():
+                value = make()
+                for v in (value, value.nan_to_num(0.0)):  # NaN-safe learners turn the NaN row into zeros
+                    if v.shape == got.shape and torch.allclose(got, v, atol=atol, rtol=1e-4, equal_nan=True):
+                        fail(name, f"the output matches a known mistake: {mistake}")
+            if got.shape == expected.shape and torch.isnan(got).any() and nan_hint:
+                fail(name, "output contains NaN where the reference has none", nan_hint)
+    try:
+        return check_tensor(name, out, expected, atol=atol)
+    except ExerciseFailed as e:
+        if hint and "hint:" not in str(e):
+            raise ExerciseFailed(f"{e}\n  hint: {hint}") from None
+        raise
 
 
 def check_causal_mask(fn) -> None:
@@ -25,23 +69,21 @@ def check_causal_mask(fn) -> None:
     sizes = (random.randint(3, 9), 1)
     for T in sizes:
         expected = causal_mask(T)
-        out = fn(T)
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            fail(name, f"returned a {out.dtype} tensor; this project's masks are boolean (True = may attend)",
-                 "build it with torch.ones(T, T, dtype=torch.bool).tril(), or compare positions: k <= q")
-        ones = torch.ones(T, T, dtype=torch.bool)
-        mistakes = {
-            "the mask is the upper triangle: query i would see the *future* keys j >= i (use tril, not triu)":
-                ones.triu(),
-            "the diagonal is excluded: a query must be allowed to attend to its own position (j <= i, not j < i)":
-                ones.tril(-1),
-            "the mask is inverted: True must mean *may attend* (the past and the diagonal)": ~ones.tril(),
-        }
+        out = _call(name, fn, T)
         if isinstance(out, torch.Tensor) and out.dtype != torch.bool:
-            fail(name, f"returned a {out.dtype} tensor, expected torch.bool (True = may attend)")
-        as_float = {k: v.float() for k, v in mistakes.items()}  # compare booleans as 0/1 numbers
-        check_tensor(f"{name}({T})", out.float() if isinstance(out, torch.Tensor) else out, expected.float(),
-                     mistakes=as_float)
+            fail(name, f"returned a {out.dtype} tensor; this project's masks are boolean (True = may attend)",
+                 "create it as bool, torch.ones(T, T, dtype=torch.bool).tril(), or compare positions: k <= q")
+        ones = torch.ones(T, T, dtype=torch.bool)
+        mistakes = {  # booleans compared as 0/1 numbers
+            "the mask is the upper triangle: query i would see the *future* keys j >= i (use tril, not triu)":
+                lambda: ones.triu().float(),
+            "the diagonal is excluded: a query must be allowed to attend to its own position (j <= i, not j < i)":
+                lambda: ones.tril(-1).float(),
+            "the mask is inverted: True must mean *may attend* (the past and the diagonal)":
+                lambda: (~ones.tril()).float(),
+        }
+        _compare(f"{name}({T})", out.float() if isinstance(out, torch.Tensor) else out, expected.float(),
+                 mistakes=mistakes, hint="rows are queries i, columns keys j; True where j <= i")
     passed(name, f"T={sizes[0]} and T=1")
 
 
@@ -51,28 +93,35 @@ def _reference_masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 def check_masked_softmax(fn) -> None:
-    """fn(scores, mask) -> probabilities over the last dim; masked entries 0; fully masked rows all 0."""
+    """fn(scores, mask) -> probabilities over the last dim; masked entries 0; fully masked rows all 0.
+    The mask has the scores' shape, then (second call) a (T, S) mask broadcast over a batch of scores."""
     name = "masked_softmax"
     T, S = random.randint(4, 8), random.randint(4, 8)
     scores = torch.randn(2, T, S) * 3
     mask = torch.rand(2, T, S) > 0.4
     mask[:, 0] = False  # a fully masked row (e.g. padding): the case that produces NaN
     mask[:, 1] = True   # an unmasked row
-    expected = _reference_masked_softmax(scores, mask)
-    plain = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
     mistakes = {
         "a fully masked row became uniform (1/S each): filling with a large finite number (-1e9) instead of -inf "
         "makes every entry equal; such a row must be all zeros":
-            torch.where(mask.any(-1, keepdim=True), plain, torch.full_like(plain, 1.0 / S)),
-        "the mask is applied after the softmax: the remaining weights no longer sum to 1":
-            torch.softmax(scores, -1) * mask,
-        "the mask is ignored": torch.softmax(scores, -1),
-        "the mask is inverted (True means *may attend*)": _reference_masked_softmax(scores, ~mask),
+            lambda: torch.where(mask.any(-1, keepdim=True), _reference_masked_softmax(scores, mask), 1.0 / S),
+        "the mask is applied after the softmax: the remaining weights no longer sum to 1 (fill the scores with "
+        "-inf *before* the softmax)": lambda: torch.softmax(scores, -1) * mask,
+        "the mask is ignored": lambda: torch.softmax(scores, -1),
+        _INVERTED: lambda: torch.softmax(scores.masked_fill(mask, float("-inf")), -1),
     }
-    out = fn(scores.clone(), mask)
-    diff = check_tensor(name, out, expected, mistakes=mistakes,
-                        hint="a fully masked row is exp(-inf)/sum(exp(-inf)) = 0/0 = NaN; replace those rows by 0 "
-                             "(e.g. torch.nan_to_num(probs, 0.0), or torch.where(mask.any(-1, keepdim=True), ...))")
+    nan_hint = ("the fully masked row is exp(-inf)/sum(exp(-inf)) = 0/0 = NaN; set such rows to 0, e.g. "
+                "torch.where(mask.any(-1, keepdim=True), probs, 0.0) or probs.masked_fill(~mask, 0.0)")
+    hint = "masked entries must be exactly 0, and every row with at least one True must sum to 1"
+    out = _call(name, fn, scores.clone(), mask)
+    diff = _compare(name, out, _reference_masked_softmax(scores, mask), mistakes=mistakes, hint=hint,
+                    nan_hint=nan_hint)
+    mask2d = mask[0]  # (T, S), broadcast over the batch of scores, as in attention
+    out = _call(name + " with a (T, S) mask", fn, scores.clone(), mask2d,
+                hint="the mask may be broadcastable to the scores instead of the same shape; "
+                     "masked_fill and torch.where broadcast by themselves")
+    _compare(name + " with a (T, S) mask", out, _reference_masked_softmax(scores, mask2d.expand_as(scores)),
+             mistakes={}, hint=hint, nan_hint=nan_hint)
     passed(name, f"max abs diff {diff:.1e}, including a fully masked row")
 
 
@@ -83,53 +132,70 @@ def check_scaled_dot_product_attention(fn) -> None:
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
     mask = causal_mask(T)
     expected = naive_attention(q, k, v, mask)
-    scores = q @ k.transpose(-2, -1)
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, S), unscaled
 
     def softmax_then_mask():  # masking after the softmax: rows no longer sum to 1
-        p = torch.softmax(scores / math.sqrt(D), -1).masked_fill(~mask, 0.0)
-        return p @ v
+        return torch.softmax(scores / math.sqrt(D), -1).masked_fill(~mask, 0.0) @ v
 
     mistakes = {
         "the scores are not divided by sqrt(head_dim)": lambda: naive_attention(q * math.sqrt(D), k, v, mask),
+        "the scores are divided by head_dim instead of sqrt(head_dim)":
+            lambda: naive_attention(q / math.sqrt(D), k, v, mask),
         "the mask is applied after the softmax (mask the scores with -inf *before* softmax)": softmax_then_mask,
         "the mask is ignored": lambda: naive_attention(q, k, v, None),
-        "the mask is inverted (True means *may attend*)": lambda: torch.nan_to_num(naive_attention(q, k, v, ~mask)),
-        "softmax over the wrong dimension (use the last one, over keys)":
+        _INVERTED: lambda: naive_attention(q, k, v, ~mask),
+        "softmax over the wrong dimension (use dim=-1, over the keys: each query's weights sum to 1)":
             lambda: torch.softmax((scores / math.sqrt(D)).masked_fill(~mask, float("-inf")), -2).nan_to_num() @ v,
     }
-    diff = check_tensor(name, fn(q, k, v, mask), expected, mistakes=mistakes)
-    check_tensor(name + " (mask=None)", fn(q, k, v, None), naive_attention(q, k, v, None))
+    out = _call(name, fn, q, k, v, mask)
+    diff = _compare(name, out, expected, mistakes=mistakes,
+                    hint="scores = q @ k.transpose(-2, -1) / sqrt(D): (B, H, T, S); mask, softmax(dim=-1), then @ v",
+                    nan_hint=_NAN_ROW)
+    out = _call(name + " (mask=None)", fn, q, k, v, None,
+                hint="mask=None means no masking: only call masked_fill when mask is not None")
+    _compare(name + " (mask=None)", out, naive_attention(q, k, v, None), mistakes={},
+             hint="with mask=None every query attends to every key")
     passed(name, f"max abs diff {diff:.1e} on random inputs with T={T}")
 
 
 def check_split_heads(fn) -> None:
     """fn(x, n_heads) with x (B, T, C) -> (B, H, T, D), D = C // H."""
     name = "split_heads"
-    B, T, H, D = 2, random.randint(3, 7), random.choice([2, 4]), 8
+    B, T, H, D = 2, random.choice([3, 5, 6, 7]), random.choice([2, 4]), 8  # T != H: the shapes tell T and H apart
     x = torch.randn(B, T, H * D)
     expected = x.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
     mistakes = {
         "wrong reshape order: x.view(B, H, T, D) cuts the *sequence* into heads; view it as (B, T, H, D) "
-        "first (each token's C features are its heads), then transpose(1, 2)": x.reshape(B, H, T, D),
+        "first (each token's C features are its heads), then transpose(1, 2)": lambda: x.reshape(B, H, T, D),
         "the head features are interleaved: view as (B, T, D, H) mixes the heads' features; use (B, T, H, D)":
-            x.view(B, T, D, H).permute(0, 3, 1, 2),
+            lambda: x.view(B, T, D, H).permute(0, 3, 1, 2),
+        "the result is (B, T, H, D): the heads are split but not moved in front of the sequence; "
+        "add .transpose(1, 2) to get (B, H, T, D)": lambda: x.view(B, T, H, D),
     }
-    diff = check_tensor(name, fn(x.clone(), H), expected, mistakes=mistakes)
+    out = _call(name, fn, x.clone(), H)
+    diff = _compare(name, out, expected, mistakes=mistakes,
+                    hint="out[:, h, t] must be x[:, t, h*D:(h+1)*D]: view(B, T, H, D), then transpose(1, 2)")
     passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)} -> {tuple(expected.shape)}")
 
 
 def check_merge_heads(fn) -> None:
     """fn(x) with x (B, H, T, D) -> (B, T, C), C = H * D: the inverse of split_heads."""
     name = "merge_heads"
-    B, H, T, D = 2, random.choice([2, 4]), random.randint(3, 7), 8
+    B, H, T, D = 2, random.choice([2, 4]), random.choice([3, 5, 6, 7]), 8
     x = torch.randn(B, H, T, D)
     expected = x.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
     mistakes = {
         "wrong reshape order: x.reshape(B, T, C) without transposing first mixes positions and heads; "
-        "transpose(1, 2) to (B, T, H, D), then reshape": x.reshape(B, T, H * D),
+        "transpose(1, 2) to (B, T, H, D), then reshape": lambda: x.reshape(B, T, H * D),
+        "each token's features are ordered (D, H) instead of (H, D): transpose(1, 2) to (B, T, H, D), "
+        "not permute to (B, T, D, H)": lambda: x.permute(0, 2, 3, 1).reshape(B, T, H * D),
+        "the heads are not merged: the result is (B, T, H, D); reshape it to (B, T, H * D)":
+            lambda: x.transpose(1, 2),
     }
-    diff = check_tensor(name, fn(x.clone()), expected, mistakes=mistakes,
-                        hint="after transpose the tensor is not contiguous: use .reshape (or .contiguous().view)")
+    out = _call(name, fn, x.clone())
+    diff = _compare(name, out, expected, mistakes=mistakes,
+                    hint="merge_heads must undo split_heads: transpose(1, 2) back to (B, T, H, D), then "
+                         "reshape(B, T, H * D)")
     passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)} -> {tuple(expected.shape)}")
 
 
@@ -155,10 +221,11 @@ def check_multi_head_attention(fn) -> None:
     def merge(t, wrong: bool = False):  # (B, H, T, D) -> (B, T, C)
         return t.reshape(B, T, C) if wrong else t.transpose(1, 2).reshape(B, T, C)
 
-    def mha(wrong_split=False, wrong_merge=False, scale: float = 1.0, wo: bool = True, transpose_w: bool = True):
+    def mha(wrong_split=False, wrong_merge=False, scale: float = 1.0, wo: bool = True, transpose_w: bool = True,
+            m: torch.Tensor | None = mask):
         f = (lambda w: w.T) if transpose_w else (lambda w: w)
         q, k, v = (split(x @ f(w), wrong_split) for w in (Wq, Wk, Wv))
-        out = merge(naive_attention(q * scale, k, v, mask), wrong_merge)
+        out = merge(naive_attention(q * scale, k, v, m), wrong_merge)
         return out @ f(Wo) if wo else out
 
     mistakes = {
@@ -173,10 +240,14 @@ def check_multi_head_attention(fn) -> None:
             lambda: mha(transpose_w=False),
         "the scores are not divided by sqrt(head_dim)": lambda: mha(scale=math.sqrt(D)),
         "the scores are divided by sqrt(d_model) instead of sqrt(head_dim)": lambda: mha(scale=math.sqrt(D / C)),
-        "the mask is ignored": lambda: merge(naive_attention(split(x @ Wq.T), split(x @ Wk.T), split(x @ Wv.T))) @ Wo.T,
+        "the mask is ignored": lambda: mha(m=None),
+        _INVERTED: lambda: mha(m=~mask),
     }
-    diff = check_tensor(name, fn(x.clone(), Wq, Wk, Wv, Wo, H, mask), expected, atol=1e-5, mistakes=mistakes)
+    out = _call(name, fn, x.clone(), Wq, Wk, Wv, Wo, H, mask, hint=_HELPERS)
+    diff = _compare(name, out, expected, mistakes=mistakes, hint=_HELPERS, nan_hint=_NAN_ROW + "; " + _HELPERS)
     with torch.no_grad():
         no_mask = layer(x, 0, None, None, kv_cache=False)
-    check_tensor(name + " (mask=None)", fn(x.clone(), Wq, Wk, Wv, Wo, H, None), no_mask, atol=1e-5)
+    out = _call(name + " (mask=None)", fn, x.clone(), Wq, Wk, Wv, Wo, H, None,
+                hint="mask=None means no masking: pass it on to scaled_dot_product_attention, which must accept None")
+    _compare(name + " (mask=None)", out, no_mask, mistakes={}, hint=_HELPERS)
     passed(name, f"max abs diff {diff:.1e} against tlama_mini.Attention with T={T}, H={H}, D={D}")
