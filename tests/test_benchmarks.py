@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end in their quick modes (CI never asserts timings: these only
+check that each script works and that the implementations it compares agree)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_attention_benchmark_quick():
+    out = _run("benchmarks/bench_attention.py", "--quick", "--threads", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| cpu |")]
+    assert {r.split("|")[3].strip() for r in rows} == {"naive", "sdpa", "flash"}
+    diffs = [float(r.split("|")[-2]) for r in rows]
+    assert max(diffs) < 1e-5, out
+
+
+def test_generation_benchmark_quick():
+    out = _run("benchmarks/bench_generation.py", "--quick", "--threads", "1", "--presets", "tiny")
+    assert re.search(r"tok", out) and "tiny" in out, out
