@@ -1,0 +1,7 @@
+"""`python -m tlama_mini train|sample ...` (and `torchrun ... -m tlama_mini train ...`); see cli.py."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The training loop: AdamW, warmup + cosine learning rate, gradient accumulation and clipping, mixed
+precision, periodic evaluation, atomic checkpoints, exact resume, and DistributedDataParallel.
+
+Budgets: `max_steps` (deterministic: the schedule of `training.get_lr_scheduler`) and/or `max_seconds`,
+counted from the launch of the process to its exit. With a time budget the cosine runs over *time*:
+progress = training time so far / training time available, where the time available leaves room for
+the final full-split evaluation, the checkpoint and the samples (estimated from measured speeds), so
+the run ends at min_lr and exits on time. A resumed run continues the step count, the time spent (it
+counts against the budget), the data position, the optimizer and every RNG, so on CPU it ends bit for
+bit where an uninterrupted run ends.
+
+DDP (`torchrun --nproc_per_node=N -m tlama_mini train ...`): `batch_size` is the *global* batch; each
+rank draws the same global batch and trains on its slice, DDP averages the gradients, so the losses
+equal a single process's (up to rounding). Only rank 0 writes files.
+Legend: B global batch, b = B / world per-rank batch, T seq_len.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import TlamaConfig
+from .data import BatchSampler, Corpus, fixed_batches, full_split_batches, prepare_data
+from .device import get_device
+from .model import Transformer
+from .training import get_lr_scheduler
+
+# Training defaults per model preset. char-cpu was tuned by measurement (2-core CPU, Tiny Shakespeare,
+# 60-300 s budgets): a small model with a 128-token context and a high learning rate beat wider models
+# and shorter contexts; see the benchmark table in benchmarks/RESULTS.md. char-gpu follows nanoGPT's
+# shakespeare_char recipe.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "char-cpu": dict(batch_size=16, seq_len=128, lr=2e-3, min_lr=2e-4, warmup_steps=50, eval_batches=10),
+    "char-gpu": dict(batch_size=64, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=100),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How to train (the model's shape is a separate `TlamaConfig`). Sizes are per optimizer step:
+    tokens/step = batch_size * seq_len * grad_accum, with batch_size summed over all processes."""
+
+    preset: str = "char-cpu"
+    data: str = "shakespeare"
+    tokenizer: str = "char"
+    bpe_vocab_size: int = 512
+    out: str = "out"
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
+    eval_interval: int = 250        # steps between evaluations (each also saves a checkpoint)
+    eval_batches: int = 20          # fixed validation batches per periodic evaluation
+    ckpt_interval: int | None = None  # steps between checkpoints; None: at every evaluation
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"             # auto | float32 | bfloat16 | float16
+    compile: bool = False
+    threads: int | None = None      # CPU threads (torch.set_num_threads); None: torch's default
+    sample_tokens: int = 300        # reserved for: samples printed at the end (see cli.py)
+    num_samples: int = 2
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"max_steps ({self.max_steps}) must be positive")
+        if self.max_seconds is not None and self.max_seconds <= 0:
+            raise ValueError(f"max_seconds ({self.max_seconds}) must be positive")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype ({self.dtype!r}) must be auto, float32, bfloat16 or float16")
+
+
+def train_config(preset: str, **overrides: Any) -> TrainConfig:
+    """TrainConfig with the preset's defaults (TRAIN_PRESETS), then `overrides` (None = keep)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return TrainConfig(preset=preset, **{**TRAIN_PRESETS.get(preset, {}), **given})
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bfloat16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast
+    trains small models ~1.25x faster; elsewhere it is emulated and slower."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain float32). `auto`: bf16 on CUDA that supports it, else fp16 (with
+    gradient scaling); bf16 on CPUs with native bf16 (`cpu_has_bf16`); fp32 elsewhere (MPS, older CPUs).
+    Weights and optimizer state stay float32 either way."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; sets up the process group
+    (NCCL on CUDA, gloo on CPU) when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)  # env:// rendezvous set up by torchrun
+    return rank, local, world
+
+
+class Reporter:
+    """Receives progress from `Trainer.run`: silent here except for messages; cli.py shows a bar."""
+
+    def update(self, step: int, train_seconds: float, elapsed: float, loss: float, tokens_per_s: float,
+               lr: float) -> None: ...
+
+    def evaluated(self, row: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None: ...
+
+
+class Trainer:
+    """Builds everything from a TrainConfig, then `run()` trains. See the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, *,
+                 resume: bool = False, overwrite: bool = False, started: float | None = None) -> None:
+        """started: time.perf_counter() at which the max_seconds budget began (the CLI passes the
+        process launch); default now."""
+        self.started = time.perf_counter() if started is None else started
+        self.cfg, self.resume = cfg, resume
+        self.rank, local, self.world = init_distributed()
+        self.master = self.rank == 0
+        self.device = get_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.amp = autocast_dtype(cfg.dtype, self.device)
+        self.out, self.ckpt_dir = Path(cfg.out), Path(cfg.out) / "ckpt"
+        if not resume and not overwrite and (self.ckpt_dir.exists() or (self.out / "metrics.jsonl").exists()):
+            raise FileExistsError(f"{self.out} already holds a training run: pass --resume to continue it, "
+                                  "--overwrite to start again from scratch, or choose another --out")
+        self.corpus: Corpus = prepare_data(cfg.data, cfg.tokenizer, bpe_vocab_size=cfg.bpe_vocab_size)
+        overrides = {"vocab_size": self.corpus.tokenizer.vocab_size, "max_seq_len": cfg.seq_len, **(model_overrides or {})}
+        self.model_config = TlamaConfig.from_preset(cfg.preset, **overrides)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = Transformer(self.model_config).to(self.device)
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, self.device.type,
+                                                         master_process=self.master and not cfg.quiet,
+                                                         betas=(cfg.beta1, cfg.beta2))
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
+        self.sampler = BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed,
+                                    rank=self.rank, world_size=self.world)
+        self.val_batches = fixed_batches(self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
+        self.step, self.train_seconds, self.history = 0, 0.0, []
+        torch.manual_seed(cfg.seed + self.rank)  # dropout differs across ranks
+        if resume:
+            self._load()
+        self.ddp = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            self.ddp = DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
+        self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.stop_signal: str | None = None
+        self.eval_s_per_token: float | None = None
+
+    # ------------------------------------------------------------------ state
+    def run_config(self) -> dict[str, Any]:
+        return {"model": self.model_config.to_dict(), "train": dataclasses.asdict(self.cfg),
+                "data": self.corpus.describe(), "world_size": self.world, "device": str(self.device),
+                "torch": torch.__version__}
+
+    def save(self) -> None:
+        """Checkpoint (a collective under DDP: every rank's RNG state is gathered; rank 0 writes)."""
+        rngs = [ckpt.rng_state(self.device)]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, ckpt.rng_state(self.device))
+        state = {"step": self.step, "train_seconds": self.train_seconds, "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler else {}, "sampler": self.sampler.state_dict(),
+                 "rng": rngs}
+        if self.master:
+            ckpt.save_checkpoint(self.ckpt_dir, self.model, state, {**self.run_config(), "step": self.step},
+                                 self.corpus.tokenizer)
+
+    def _load(self) -> None:
+        where = ckpt.find_checkpoint(self.ckpt_dir)
+        saved = ckpt.check_resumable(where, self.model_config.to_dict(), self.corpus.sha256, self.cfg.tokenizer)
+        changed = ckpt.config_differences(saved["train"], json.loads(json.dumps(dataclasses.asdict(self.cfg))))
+        ckpt.load_weights(self.model, where, self.device)
+        state = ckpt.load_state(where)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        if len(state["rng"]) == self.world:  # else (other world size): keep the fresh seeds
+            ckpt.set_rng_state(state["rng"][self.rank], self.device)
+        if self.master and not self.cfg.quiet:
+            print(f"resumed from {where} at step {self.step}"
+                  + "".join(f"\n  changed: {c}" for c in changed), flush=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> float:
+        """Mean next-token loss over `batches` (this rank's share), averaged over all ranks."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y in batches:
+            with self._autocast():
+                _, loss = self.model(x.to(self.device), targets=y.to(self.device))
+            total, count = total + loss.item() * y.numel(), count + y.numel()
+        self.model.train()
+        total, count = self._all_sum([total, count])
+        return total / count
+
+    def evaluate_full(self) -> float:
+        """Loss over the whole validation split (every token predicted once)."""
+        rows = max(self.cfg.batch_size, 4096 // self.cfg.seq_len)  # no gradients: bigger batches fit
+        return self.evaluate(full_split_batches(self.corpus.val, self.cfg.seq_len, rows,
+                                                rank=self.rank, world_size=self.world))
+
+    def end_reserve(self) -> float:
+        """Seconds to keep for the end of a timed run: final evaluation, checkpoint, samples, plot."""
+        per_token = self.eval_s_per_token or 0.0
+        return 1.2 * per_token * len(self.corpus.val) / self.world + 0.003 * self.cfg.sample_tokens + 1.0
+
+    # ------------------------------------------------------------------ training
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def _start_files(self) -> None:
+        """OUT/config.json; a fresh metrics.jsonl unless resuming (rank 0 only)."""
+        if not self.master:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(self.run_config(), indent=2), encoding="utf-8")
+        if not self.resume:  # --overwrite: forget the old run
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+
+    def _schedule(self, progress: float) -> float:
+        """Learning rate at this step. Step budget: the seed's get_lr_scheduler. Time budget: linear
+        warmup over steps times a cosine over `progress` (fraction of the training time used)."""
+        c = self.cfg
+        if c.max_seconds is None:
+            return get_lr_scheduler(c.lr, c.min_lr, min(c.warmup_steps, c.max_steps), c.max_steps)(self.step)
+        warmup = min(1.0, (self.step + 1) / max(1, c.warmup_steps))
+        return warmup * get_lr_scheduler(c.lr, c.min_lr, 0, 1000)(round(1000 * progress))
+
+    def run(self, reporter: Reporter | None = None) -> dict[str, Any]:
+        """Train until a budget is spent, a signal arrives, or the loss is not finite. Returns a summary
+        with `status` in {"done", "interrupted", "diverged"}."""
+        cfg, rep = self.cfg, reporter or Reporter()
+        if cfg.max_steps is None and cfg.max_seconds is None:
+            raise ValueError("give max_steps and/or max_seconds")
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        prior, start_step, loop_start = self.train_seconds, self.step, time.perf_counter()
+        launch = self.started
+        self._start_files()
+        recent: collections.deque[float] = collections.deque(maxlen=cfg.eval_interval)  # train losses
+        status, lr, tok_s, t_window = "done", 0.0, 0.0, loop_start
+        try:
+            while True:
+                now = time.perf_counter()
+                self.train_seconds = prior + now - loop_start
+                progress = self.step / cfg.max_steps if cfg.max_steps else 0.0
+                if cfg.max_seconds is not None:  # training time = budget - earlier runs - start-up - end reserve
+                    available = prior + (launch + cfg.max_seconds - prior - self.end_reserve()) - loop_start
+                    progress = max(progress, self.train_seconds / available if available > 0 else 1.0)
+                done, signalled = self._all_sum([float(progress >= 1.0), float(self.stop_signal is not None)])
+                if done or signalled:  # decided together, so every rank stops at the same step
+                    status = "interrupted" if signalled else status
+                    break
+                lr = self._schedule(progress)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self._train_step()
+                if not math.isfinite(loss):
+                    rep.message(f"stopping: the training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); the "
+                                f"weights were not updated and the last good checkpoint is in {self.ckpt_dir}. "
+                                "Try a lower --lr, a smaller --grad-clip, or --dtype float32.")
+                    return {"status": "diverged", "step": self.step}
+                self.step += 1
+                recent.append(loss)
+                if self.step % 10 == 0:
+                    tok_s, t_window = 10 * tokens_per_step / (time.perf_counter() - t_window), time.perf_counter()
+                if self.eval_s_per_token is None and self.step == start_step + 5:  # forward only: ~1/3 of a step
+                    self.eval_s_per_token = (time.perf_counter() - now) / (3 * tokens_per_step / self.world)
+                rep.update(self.step, self.train_seconds, time.perf_counter() - launch, loss, tok_s, lr)
+                t = time.perf_counter()
+                if self.step % cfg.eval_interval == 0:
+                    val = self.evaluate(self.val_batches[self.rank::self.world])
+                    n_tokens = cfg.eval_batches * cfg.batch_size * cfg.seq_len / self.world
+                    self.eval_s_per_token = (time.perf_counter() - t) / n_tokens
+                    self._record(recent, val, tokens_per_step, launch, lr, rep)
+                if self.step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
+                    self.save()
+                t_window += time.perf_counter() - t  # tokens/s counts training time only
+            loop_seconds = time.perf_counter() - loop_start
+            rep.close()
+            val = self.evaluate_full()
+            self._record(recent, val, tokens_per_step, launch, lr, rep, final=True)
+            self.save()
+            if status == "interrupted":
+                rep.message(f"interrupted ({self.stop_signal}) at step {self.step}: checkpoint saved to "
+                            f"{self.ckpt_dir}; continue with --resume --out {self.out}")
+            return {"status": status, "step": self.step, "val_loss": val, "history": self.history,
+                    "tokens_per_s": (self.step - start_step) * tokens_per_step / max(loop_seconds, 1e-9)}
+        finally:
+            rep.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss over all ranks
+        (NaN/inf before any weight changes)."""
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.cfg.grad_accum):
+            x, y = self.sampler.next()  # (b, T) each
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = micro == self.cfg.grad_accum - 1 or self.world == 1
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
+                _, loss = self.fwd(x, targets=y)
+            loss = loss / self.cfg.grad_accum
+            total += loss.detach()
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        loss_value = self._all_sum([total.item()])[0] / self.world
+        if math.isfinite(loss_value):
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if self.cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
+    def _record(self, losses, val: float, tokens_per_step: int, launch: float, lr: float,
+                rep: Reporter, final: bool = False) -> None:
+        row = {"step": self.step, "tokens": self.step * tokens_per_step,
+               "elapsed_s": round(time.perf_counter() - launch, 3),
+               "train_loss": sum(losses) / len(losses) if losses else None, "val_loss": val, "lr": lr}
+        if final:
+            row["final"] = True
+        self.history.append(row)
+        if self.master:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            rep.evaluated(row)
