@@ -9,6 +9,7 @@ from tlama_mini.checks.lesson03 import (check_apply_rope, check_relative_score, 
                                         check_scale_rope_frequencies)
 from tlama_mini.config import RopeScaling
 from tlama_mini.rope import scale_freqs
+from tlama_mini.checks.common import expect_failure as fails_with
 
 
 # --- correct implementations, written independently of tlama_mini (real arithmetic, no complex numbers)
@@ -59,11 +60,6 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 12
 
 
-def fails_with(check, fn, *words):
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
 
 
 def test_frequency_mistakes():

@@ -8,6 +8,7 @@ from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson04 import (check_causal_mask, check_masked_softmax, check_merge_heads,
                                         check_multi_head_attention, check_scaled_dot_product_attention,
                                         check_split_heads)
+from tlama_mini.checks.common import expect_failure as fails_with
 
 
 # --- correct implementations, written from the formulas (not from tlama_mini)
@@ -57,12 +58,6 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 18
 
 
-def fails_with(check, fn, *words) -> str:
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
-    return str(e.value)
 
 
 def test_causal_mask_mistakes():

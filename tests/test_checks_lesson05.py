@@ -6,6 +6,7 @@ import torch
 
 from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson05 import check_gqa_attention, check_kv_cache_bytes, check_repeat_kv
+from tlama_mini.checks.common import expect_failure as fails_with
 
 
 # --- correct implementations, written independently of tlama_mini
@@ -35,11 +36,6 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 9
 
 
-def fails_with(check, fn, *words):
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
 
 
 def test_repeat_kv_mistakes():

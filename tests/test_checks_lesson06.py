@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson06 import check_block_forward, check_ffn_hidden_size, check_rms_norm, check_swiglu
+from tlama_mini.checks.common import expect_failure as fails_with
 
 
 # --- correct implementations, written from the formulas (not from tlama_mini)
@@ -39,11 +40,6 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 12
 
 
-def fails_with(check, fn, *words):
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
 
 
 def test_rms_norm_mistakes():

@@ -4,6 +4,7 @@ import torch
 
 from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson07 import check_load_balancing_loss, check_moe_forward, check_router_topk
+from tlama_mini.checks.common import expect_failure as fails_with
 
 
 # --- correct implementations, written from the formulas (not from tlama_mini)
@@ -36,11 +37,6 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 9
 
 
-def fails_with(check, fn, *words):
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
 
 
 def test_router_topk_mistakes():

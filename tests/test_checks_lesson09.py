@@ -6,6 +6,7 @@ import torch
 from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson09 import (check_cache_update, check_sample_loop, check_top_k_filter,
                                         check_top_p_filter)
+from tlama_mini.checks.common import expect_failure as fails_with
 
 NEG_INF = float("-inf")
 
@@ -57,11 +58,6 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 12
 
 
-def fails_with(check, fn, *words):
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
 
 
 def test_cache_update_mistakes():

@@ -6,6 +6,7 @@ import torch
 
 from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson10 import check_bits_per_char, check_evaluate, check_lr_at, check_train_step
+from tlama_mini.checks.common import expect_failure as fails_with
 
 
 # --- correct implementations, written from the definitions (not from tlama_mini)
@@ -86,11 +87,6 @@ def test_equivalent_variants_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 3
 
 
-def fails_with(check, fn, *words):
-    with pytest.raises(ExerciseFailed) as e:
-        check(fn)
-    for w in words:
-        assert w in str(e.value), str(e.value)
 
 
 def test_bits_per_char_mistakes():

@@ -50,3 +50,17 @@ def check_tensor(name: str, out: Any, expected: torch.Tensor, *, atol: float = 1
             fail(name, f"the output matches a known mistake: {mistake}", hint)
     fail(name, f"values differ from the reference (max abs difference {diff:.3g}, tolerance {atol:g})", hint)
     return diff
+
+
+def expect_failure(check: Callable[[Any], None], fn: Any, *words: str) -> str:
+    """Testing the checks themselves: `check(fn)` must reject the wrong `fn` with a message that contains
+    every one of `words`. Returns the message."""
+    try:
+        check(fn)
+    except ExerciseFailed as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"{getattr(check, '__name__', check)} accepted a wrong implementation")
+    missing = [w for w in words if w not in message]
+    assert not missing, f"message lacks {missing}: {message}"
+    return message
