@@ -162,8 +162,9 @@ def test_full_split_evaluation_is_the_mean_over_every_validation_token(small_tex
 
 
 def test_time_budget_ends_the_cosine_at_min_lr(small_text, tmp_path):
-    result = Trainer(tiny(small_text, tmp_path, max_seconds=6.0, eval_interval=1000)).run()
-    assert result["status"] == "done" and result["step"] > 5
+    # a generous budget: the test checks where the schedule ends, not how fast a loaded machine trains
+    result = Trainer(tiny(small_text, tmp_path, max_seconds=10.0, eval_interval=1000)).run()
+    assert result["status"] == "done" and result["step"] >= 3
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["final"] and final["lr"] <= 3e-4 + 0.15 * (3e-3 - 3e-4)
 
