@@ -50,7 +50,7 @@ def bench(seconds: float, extra: list[str]) -> dict:
         final = [json.loads(line) for line in Path(tmp, "metrics.jsonl").read_text().splitlines()][-1]
         summary = json.loads(Path(tmp, "summary.json").read_text())
         config = json.loads(Path(tmp, "config.json").read_text())
-    shown = ["python -m tlama_mini train", "--max-seconds", f"{seconds:g}", *extra]
+    shown = ["python", "-m", "tlama_mini", "train", "--max-seconds", f"{seconds:g}", *extra]
     return {"seconds": seconds, "wall_s": wall, "val_loss": final["val_loss"], "steps": final["step"],
             "tokens": final["tokens"], "tokens_per_s": summary["tokens_per_s"], "preset": config["train"]["preset"],
             "command": shlex.join(shown)}

@@ -191,7 +191,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
         self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.stop_signal: str | None = None
-        self.eval_s_per_token: float | None = None
+        self.eval_s_per_token = 0.0  # measured by _time_eval when there is a time budget
 
     # ------------------------------------------------------------------ state
     def run_config(self) -> dict[str, Any]:
@@ -255,16 +255,25 @@ class Trainer:
         total, count = self._all_sum([total, count])
         return total / count
 
+    def _full_split(self):
+        rows = max(self.cfg.batch_size, 4096 // self.cfg.seq_len)  # no gradients: bigger batches fit
+        return full_split_batches(self.corpus.val, self.cfg.seq_len, rows, rank=self.rank, world_size=self.world)
+
     def evaluate_full(self) -> float:
         """Loss over the whole validation split (every token predicted once)."""
-        rows = max(self.cfg.batch_size, 4096 // self.cfg.seq_len)  # no gradients: bigger batches fit
-        return self.evaluate(full_split_batches(self.corpus.val, self.cfg.seq_len, rows,
-                                                rank=self.rank, world_size=self.world))
+        return self.evaluate(self._full_split())
+
+    def _time_eval(self) -> None:
+        """Seconds per token of the final evaluation, from its first batch (run twice: the first warms up)."""
+        batch = [next(self._full_split())]
+        for _ in range(2):
+            t = time.perf_counter()
+            self.evaluate(batch)
+            self.eval_s_per_token = (time.perf_counter() - t) / batch[0][1].numel()
 
     def end_reserve(self) -> float:
         """Seconds to keep for the end of a timed run: final evaluation, checkpoint, samples, plot."""
-        per_token = self.eval_s_per_token or 0.0
-        return 1.2 * per_token * len(self.corpus.val) / self.world + 0.003 * self.cfg.sample_tokens + 1.0
+        return 1.2 * self.eval_s_per_token * len(self.corpus.val) / self.world + 0.003 * self.cfg.sample_tokens + 1.0
 
     # ------------------------------------------------------------------ training
     def _on_signal(self, signum, frame) -> None:
@@ -301,6 +310,8 @@ class Trainer:
         prior, start_step, loop_start = self.train_seconds, self.step, time.perf_counter()
         launch = self.started
         self._start_files()
+        if cfg.max_seconds is not None:
+            self._time_eval()
         recent: collections.deque[float] = collections.deque(maxlen=cfg.eval_interval)  # train losses
         status, lr, tok_s, t_window = "done", 0.0, 0.0, loop_start
         try:
@@ -328,14 +339,10 @@ class Trainer:
                 recent.append(loss)
                 if self.step % 10 == 0:
                     tok_s, t_window = 10 * tokens_per_step / (time.perf_counter() - t_window), time.perf_counter()
-                if self.eval_s_per_token is None and self.step == start_step + 5:  # forward only: ~1/3 of a step
-                    self.eval_s_per_token = (time.perf_counter() - now) / (3 * tokens_per_step / self.world)
                 rep.update(self.step, self.train_seconds, time.perf_counter() - launch, loss, tok_s, lr)
                 t = time.perf_counter()
                 if self.step % cfg.eval_interval == 0:
                     val = self.evaluate(self.val_batches[self.rank::self.world])
-                    n_tokens = cfg.eval_batches * cfg.batch_size * cfg.seq_len / self.world
-                    self.eval_s_per_token = (time.perf_counter() - t) / n_tokens
                     self._record(recent, val, tokens_per_step, launch, lr, rep)
                 if self.step % (cfg.ckpt_interval or cfg.eval_interval) == 0:
                     self.save()
