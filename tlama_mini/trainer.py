@@ -104,8 +104,7 @@ def train_config(preset: str, **overrides: Any) -> TrainConfig:
 
 
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bfloat16 matrix instructions (AVX512-BF16 or AMX), where bf16 autocast
-    trains small models ~1.25x faster; elsewhere it is emulated and slower."""
+    """Native bf16 matmuls (AVX512-BF16 or AMX): bf16 autocast is ~1.25x faster there, slower elsewhere."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
@@ -193,7 +192,6 @@ class Trainer:
         self.stop_signal: str | None = None
         self.eval_s_per_token = 0.0  # measured by _time_eval when there is a time budget
 
-    # ------------------------------------------------------------------ state
     def run_config(self) -> dict[str, Any]:
         return {"model": self.model_config.to_dict(), "train": dataclasses.asdict(self.cfg),
                 "data": self.corpus.describe(), "world_size": self.world, "device": str(self.device),
@@ -229,7 +227,6 @@ class Trainer:
             print(f"resumed from {where} at step {self.step}"
                   + "".join(f"\n  changed: {c}" for c in changed), flush=True)
 
-    # ------------------------------------------------------------------ evaluation
     def _autocast(self):
         if self.amp is None:
             return contextlib.nullcontext()
@@ -275,7 +272,6 @@ class Trainer:
         """Seconds to keep for the end of a timed run: final evaluation, checkpoint, samples, plot."""
         return 1.2 * self.eval_s_per_token * len(self.corpus.val) / self.world + 0.003 * self.cfg.sample_tokens + 1.0
 
-    # ------------------------------------------------------------------ training
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signal.Signals(signum).name
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
