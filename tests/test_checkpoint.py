@@ -106,3 +106,23 @@ def test_config_mismatch_names_the_fields(tmp_path):
     ckpt.check_model_config(where, CFG.to_dict())  # the same config passes
     with pytest.raises(ValueError, match="other data"):
         ckpt.check_resumable(where, CFG.to_dict(), "0" * 64, "char")
+
+
+def test_tied_matrix_loads_under_either_name_and_mismatches_are_named(tmp_path):
+    from safetensors.torch import save_file
+    model = make(0)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for keep, drop in (("output.weight", "token_emb.weight"), ("token_emb.weight", "output.weight")):
+        (tmp_path / keep).mkdir()
+        save_file({k: v for k, v in sd.items() if k != drop}, str(tmp_path / keep / "model.safetensors"))
+        other = make(1)
+        ckpt.load_weights(other, tmp_path / keep)
+        assert weights_equal(model, other) and other.output.weight is other.token_emb.weight
+    (tmp_path / "short").mkdir()
+    save_file({k: v for k, v in sd.items() if k != "norm.weight" and k != "output.weight"},
+              str(tmp_path / "short" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing: \['norm.weight'\]"):
+        ckpt.load_weights(make(), tmp_path / "short")
+    untied = Transformer(CFG.replace(tie_embeddings=False))
+    with pytest.raises(ValueError, match=r"missing: \['output.weight'\]"):
+        ckpt.load_weights(untied, tmp_path / "token_emb.weight")  # a tied checkpoint into an untied model

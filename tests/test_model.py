@@ -128,3 +128,23 @@ def test_tied_embeddings_share_one_matrix():
     model = _model(tie_embeddings=True)
     assert model.output.weight is model.token_emb.weight
     assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lm_head_is_stored_transposed_and_behaves_like_a_plain_linear(tie):
+    """The LM head weight lives in (1, V) strides for fast batch-1 decoding on CPU; everything a user can
+    see (values, shape, logits, gradients, casts, a copy into a contiguous model) is unchanged."""
+    model = _model(tie_embeddings=tie)
+    w = model.output.weight
+    assert w.shape == (model.config.vocab_size, model.config.d_model) and w.stride() == (1, w.shape[0])
+    plain = _model(tie_embeddings=tie)
+    plain.load_state_dict(model.state_dict())
+    plain.output.weight.data = plain.output.weight.data.contiguous()  # the usual layout, same values
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    (a, la), (b, lb) = model(x, targets=x), plain(x, targets=x)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    la.backward(), lb.backward()
+    torch.testing.assert_close(model.output.weight.grad, plain.output.weight.grad, rtol=0, atol=1e-5)
+    assert model.output.weight.grad.stride() == w.stride()  # the grad follows the weight's layout
+    model.to(torch.bfloat16)
+    assert model.output.weight.stride() == (1, model.config.vocab_size)

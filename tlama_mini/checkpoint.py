@@ -48,15 +48,15 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, state: dict[str, Any
                     tokenizer: Any = None) -> Path:
     """Write a checkpoint atomically to `ckpt_dir` (e.g. OUT/ckpt). `model` is the bare module (not
     DDP- or compile-wrapped); `state` holds tensors and plain containers; `config` is JSON-able."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     ckpt_dir = Path(ckpt_dir)
     tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash in the middle of a save
     tmp.mkdir(parents=True)
     meta = {"format": FORMAT, "version": VERSION, **config}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    # save_model stores a tied matrix (token_emb = output) once; load_model restores the tie.
-    save_model(model, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    # a tied matrix (token_emb = output) is stored once; load_weights restores the tie
+    save_file(_unique_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
     torch.save(state, tmp / "state.pt")
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer.json")
@@ -151,15 +151,41 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _shared_groups(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
+    """The state dict and its names grouped by the tensor they name (tied weights share one group)."""
+    sd = model.state_dict()
+    groups: dict[tuple, list[str]] = {}
+    for name, t in sd.items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) if t.numel() else (name,)
+        groups.setdefault(key, []).append(name)
+    return sd, list(groups.values())
+
+
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once, under the first of its names in sorted order (as
+    safetensors' save_model names it), contiguous (the LM head's weight is stored transposed)."""
+    sd, groups = _shared_groups(model)
+    return {min(names): sd[names[0]].detach().contiguous() for names in groups}
+
+
 def load_weights(model: nn.Module, ckpt_dir: str | Path, device: str | torch.device = "cpu") -> None:
-    """Load model.safetensors into `model` (strict: every tensor present, shapes equal)."""
+    """Load model.safetensors into `model` (strict: every tensor present, shapes equal; a tied matrix
+    stored once under either of its names)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file
     path = Path(ckpt_dir) / "model.safetensors"
     try:
-        load_model(model, str(path), strict=True, device=str(device))
+        tensors = load_file(str(path), device=str(device))
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
     except (SafetensorError, RuntimeError, OSError) as err:
         raise ValueError(f"cannot load the weights in {path}: {err}") from None
+    _, groups = _shared_groups(model)
+    tied_loaded = {n for names in groups if any(m in tensors for m in names) for n in names}
+    missing = [n for n in missing if n not in tied_loaded]
+    if missing or unexpected:
+        raise ValueError(f"cannot load the weights in {path}: they do not match the model "
+                         f"(missing: {missing[:5]}, unexpected: {list(unexpected)[:5]}); was the checkpoint "
+                         f"written for another config?")
 
 
 def load_state(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
