@@ -147,6 +147,21 @@ def test_metrics_config_and_step_schedule(small_text, tmp_path):
     assert config["data"]["val_tokens"] == 6000 and config["model"]["max_seq_len"] == 32
 
 
+def test_muon_trains_with_its_own_learning_rate_and_resumes_its_state(small_text, tmp_path):
+    from tlama_mini.muon import Muon
+    trainer = Trainer(tiny(small_text, tmp_path, max_steps=12, optimizer="muon", muon_lr_ratio=10.0))
+    assert isinstance(trainer.optimizer, Muon)
+    result = trainer.run()
+    muon_group, *adamw_groups = trainer.optimizer.param_groups
+    assert muon_group["muon"] and muon_group["lr"] == pytest.approx(10 * adamw_groups[0]["lr"])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result["status"] == "done" and rows[0]["val_loss"] > rows[-1]["val_loss"]
+    resumed = Trainer(tiny(small_text, tmp_path, max_steps=12, optimizer="muon", muon_lr_ratio=10.0), resume=True)
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters()):  # momentum buffers, Adam moments
+        a, b = trainer.optimizer.state[p], resumed.optimizer.state[q]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_full_split_evaluation_is_the_mean_over_every_validation_token(small_text, tmp_path):
     trainer = Trainer(tiny(small_text, tmp_path, max_steps=1))
     val = trainer.corpus.val

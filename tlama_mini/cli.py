@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g("--min-lr", type=float, help="learning rate at the end of the cosine decay; " + _hyper("min_lr"))
     g("--warmup-steps", type=int, help="steps of linear learning-rate warmup; " + _hyper("warmup_steps"))
     g("--weight-decay", type=float, help="AdamW weight decay of matrices and embeddings; " + _hyper("weight_decay"))
+    g("--optimizer", choices=["adamw", "muon"], help="adamw, or muon: Muon (orthogonalized momentum) for the "
+      "blocks' matrices and AdamW for the rest; " + _hyper("optimizer"))
+    g("--muon-lr-ratio", type=float, help="Muon's learning rate as a multiple of --lr; " + _hyper("muon_lr_ratio"))
     g("--beta1", type=float, help="AdamW beta1; " + _hyper("beta1"))
     g("--beta2", type=float, help="AdamW beta2; " + _hyper("beta2"))
     g("--grad-clip", type=float, help="clip the global gradient norm to this (0: off); " + _hyper("grad_clip"))

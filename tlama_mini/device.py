@@ -23,6 +23,19 @@ def get_device(preferred: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AVX512-BF16 or AMX): bf16 autocast is ~1.25x faster there, slower elsewhere."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls beat float32 on `device`: CUDA with bf16 support, or a CPU with native bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, torch's (all devices) RNGs so reruns agree."""
     random.seed(seed)

@@ -195,12 +195,23 @@ class Transformer(nn.Module):
         return n
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, device_type: str,
-                             master_process: bool = True, betas: tuple[float, float] = (0.9, 0.95)
-                             ) -> torch.optim.AdamW:
+                             master_process: bool = True, betas: tuple[float, float] = (0.9, 0.95), *,
+                             optimizer: str = "adamw", muon_lr_ratio: float = 10.0) -> torch.optim.Optimizer:
         """AdamW with two groups: matrices and embeddings decay, vectors (norm weights) do not.
         The fused CUDA kernel is used only when every parameter really is on CUDA, whatever
-        `device_type` says, so a CPU model given device_type='cuda' still works."""
+        `device_type` says, so a CPU model given device_type='cuda' still works.
+        optimizer="muon": `tlama_mini.muon.Muon` for the blocks' matrices (learning rate
+        muon_lr_ratio * learning_rate, no weight decay) and AdamW as above for everything else."""
+        if optimizer not in ("adamw", "muon"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; use 'adamw' or 'muon'")
         params = [p for p in self.parameters() if p.requires_grad]
+        if optimizer == "muon":
+            from .muon import Muon, muon_param_groups
+            groups = muon_param_groups(self, weight_decay, muon_lr_ratio)
+            if master_process:
+                print(f"optimizer: Muon for {len(groups[0]['params'])} block matrices "
+                      f"({sum(p.numel() for p in groups[0]['params']):,} params), AdamW for the rest")
+            return Muon(groups, lr=learning_rate, betas=betas)
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay},

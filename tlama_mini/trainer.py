@@ -35,7 +35,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import TlamaConfig
 from .data import BatchSampler, Corpus, fixed_batches, full_split_batches, prepare_data
-from .device import get_device
+from .device import cpu_has_bf16, get_device
 from .model import Transformer
 from .training import get_lr_scheduler
 
@@ -66,6 +66,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    optimizer: str = "adamw"        # adamw | muon (Muon for the blocks' matrices, tlama_mini/muon.py)
+    muon_lr_ratio: float = 10.0     # Muon's learning rate / lr
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
@@ -101,12 +103,6 @@ def train_config(preset: str, **overrides: Any) -> TrainConfig:
     """TrainConfig with the preset's defaults (TRAIN_PRESETS), then `overrides` (None = keep)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return TrainConfig(preset=preset, **{**TRAIN_PRESETS.get(preset, {}), **given})
-
-
-def cpu_has_bf16() -> bool:
-    """Native bf16 matmuls (AVX512-BF16 or AMX): bf16 autocast is ~1.25x faster there, slower elsewhere."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -175,7 +171,8 @@ class Trainer:
         self.model = Transformer(self.model_config).to(self.device)
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, self.device.type,
                                                          master_process=self.master and not cfg.quiet,
-                                                         betas=(cfg.beta1, cfg.beta2))
+                                                         betas=(cfg.beta1, cfg.beta2), optimizer=cfg.optimizer,
+                                                         muon_lr_ratio=cfg.muon_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
         self.sampler = BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed,
                                     rank=self.rank, world_size=self.world)
@@ -228,9 +225,7 @@ class Trainer:
                   + "".join(f"\n  changed: {c}" for c in changed), flush=True)
 
     def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return contextlib.nullcontext() if self.amp is None else torch.autocast(self.device.type, dtype=self.amp)
 
     def _all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -324,7 +319,7 @@ class Trainer:
                     break
                 lr = self._schedule(progress)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_ratio", 1.0)
                 loss = self._train_step()
                 if not math.isfinite(loss):
                     rep.message(f"stopping: the training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); the "
