@@ -9,12 +9,13 @@ iterations of a quintic polynomial p(x) = a x + b x^3 + c x^5 applied to the sin
     X <- G / ||G||_F                  (all singular values now <= 1)
     X <- a X + (b A + c A^2) X,  A = X X^T        (five times)
 
-The coefficients (a, b, c) = (3.4445, -4.7750, 2.0315) push every singular value in (0, 1] towards
-[0.7, 1.2] fast, which is close enough to 1 for training. The step is scaled by sqrt(max(1, out / in)).
+The coefficients (a, b, c) = (3.4445, -4.7750, 2.0315) push the singular values in (0, 1] into roughly
+[0.7, 1.2] within five steps (all but the very smallest), which is close enough to 1 for training. The step is scaled by sqrt(max(1, out / in)).
 
 Muon is only for 2-D weights inside the blocks. Embeddings, the LM head and vectors (norm gains) are
 updated by AdamW within the same optimizer (`param_groups` with "muon": False), as in the reference
-recipe. Each group's learning rate is `lr_ratio` times the schedule's (Muon's is larger, ~10x).
+recipe. Each group's learning rate is `lr_ratio` times the schedule's: Muon's is larger (5x in the
+trainer's CPU preset, 10x by default), AdamW's 1x.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for groups with "muon": True (2-D weights), AdamW for the others. Arguments are the
-    defaults of every group; a group may override them (and must say "muon")."""
+    """Muon for the param groups marked "muon": True (2-D weights only), AdamW for the others. The
+    arguments are every group's defaults; a group may override any of them."""
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  ns_steps: int = 5, ns_dtype: torch.dtype | None = None,
