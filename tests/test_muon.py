@@ -1,5 +1,6 @@
-"""Muon: Newton-Schulz orthogonalization, the update rule against a hand-written step, the AdamW part
-against torch.optim.AdamW, the parameter split, exact state round trips, and training through the CLI."""
+"""Muon: Newton-Schulz orthogonalization against the exact U V^T, the update rule against a hand-written
+step, the AdamW part against torch.optim.AdamW, the parameter split, and exact state round trips. Training
+with --optimizer muon through the Trainer is in test_trainer.py."""
 import io
 
 import pytest
