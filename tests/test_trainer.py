@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tlama_mini import checkpoint as ckpt
 from tlama_mini.data import BatchSampler
-from tlama_mini import trainer as trainer_module
+from tlama_mini import device as device_module
 from tlama_mini.trainer import TrainConfig, Trainer, autocast_dtype, train_config
 from tlama_mini.training import get_lr_scheduler
 
@@ -225,9 +225,9 @@ def test_config_validation_and_existing_run_protection(small_text, tmp_path):
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: True)
     assert autocast_dtype("auto", cpu) is torch.bfloat16  # native bf16 matmuls: faster
-    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(device_module, "cpu_has_bf16", lambda: False)
     assert autocast_dtype("auto", cpu) is None  # emulated bf16 would be slower: stay in float32
     assert autocast_dtype("auto", torch.device("mps")) is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

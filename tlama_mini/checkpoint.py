@@ -7,6 +7,8 @@
                                 code is refused)
     OUT/ckpt/tokenizer.json     the tokenizer, so sampling needs nothing but this folder
 
+A LoRA fine-tune also writes OUT/adapters/ and OUT/merged/ (see finetune.py).
+
 Atomic replacement: everything is written (and fsync'ed) into OUT/ckpt.tmp; then the old folder is
 renamed to OUT/ckpt.old, the new one to OUT/ckpt, and the old one is deleted. A rename is atomic, so
 at every instant either ckpt/ or, between the two renames, ckpt.old/ holds a complete checkpoint, and
@@ -20,7 +22,7 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,32 +46,41 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_folder_atomically(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create `folder` (replacing an old one) atomically: `fill(tmp)` writes the files into FOLDER.tmp,
+    which is fsync'ed and renamed into place (the old folder goes to FOLDER.old first, then away)."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash in the middle of a save
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)  # from here on the new folder is the one
+    _fsync(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
 def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, state: dict[str, Any], config: dict[str, Any],
                     tokenizer: Any = None) -> Path:
     """Write a checkpoint atomically to `ckpt_dir` (e.g. OUT/ckpt). `model` is the bare module (not
     DDP- or compile-wrapped); `state` holds tensors and plain containers; `config` is JSON-able."""
     from safetensors.torch import save_file
-    ckpt_dir = Path(ckpt_dir)
-    tmp, old = ckpt_dir.with_name(ckpt_dir.name + ".tmp"), ckpt_dir.with_name(ckpt_dir.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crash in the middle of a save
-    tmp.mkdir(parents=True)
-    meta = {"format": FORMAT, "version": VERSION, **config}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    # a tied matrix (token_emb = output) is stored once; load_weights restores the tie
-    save_file(_unique_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    torch.save(state, tmp / "state.pt")
-    if tokenizer is not None:
-        tokenizer.save(tmp / "tokenizer.json")
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
-    if ckpt_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(ckpt_dir, old)
-    os.replace(tmp, ckpt_dir)  # from here on the new checkpoint is the one
-    _fsync(ckpt_dir.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return ckpt_dir
+
+    def fill(tmp: Path) -> None:
+        meta = {"format": FORMAT, "version": VERSION, **config}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        # a tied matrix (token_emb = output) is stored once; load_weights restores the tie
+        save_file(_unique_tensors(model), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        torch.save(state, tmp / "state.pt")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+    return write_folder_atomically(ckpt_dir, fill)
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -77,10 +88,11 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder for `path`: the folder itself, or OUT/ckpt for a run folder OUT; falls
-    back to the `.old` copy a crash between two renames can leave. Raises a clear error otherwise."""
+    """The checkpoint folder for `path`: the folder itself, or for a run folder OUT its OUT/merged (a
+    LoRA fine-tune's merged model, see finetune.py) or else OUT/ckpt; falls back to the `.old` copy a
+    crash between two renames can leave. Raises a clear error otherwise."""
     path = Path(path).expanduser()
-    for candidate in (path, path / "ckpt"):
+    for candidate in (path, path / "merged", path / "ckpt"):
         if _is_checkpoint(candidate):
             return candidate
         backup = candidate.with_name(candidate.name + ".old")
@@ -208,7 +220,14 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     ckpt = find_checkpoint(path)
     meta = read_config(ckpt)
     model = Transformer(TlamaConfig.from_dict(meta["model"]))
-    load_weights(model, ckpt, device)
+    if meta.get("train", {}).get("lora_rank"):  # a LoRA run's training checkpoint: base + adapters, merged here
+        from .finetune import lora_settings
+        from .lora import apply_lora, merge_lora
+        targets, rank, alpha = lora_settings(meta["train"])
+        load_weights(apply_lora(model, targets, rank, alpha), ckpt, device)
+        merge_lora(model)
+    else:
+        load_weights(model, ckpt, device)
     tok_path = ckpt / "tokenizer.json"
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
     return model.to(device).eval(), tokenizer, meta

@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--preset", default=None, choices=sorted(PRESETS),
       help="model preset (shape); default: char-gpu on CUDA, char-cpu elsewhere")
     a("--data", default="shakespeare", help="a named corpus (shakespeare), a .txt file, or a folder of .txt files")
-    a("--tokenizer", default="char", choices=["char", "bpe", "gpt2"],
-      help="char: one token per character; bpe: byte-level BPE trained on the data; gpt2: GPT-2's BPE")
+    a("--tokenizer", default=None, choices=["char", "bpe", "gpt2"],
+      help="char: one token per character; bpe: byte-level BPE trained on the data; gpt2: GPT-2's BPE "
+      "(default: char; with --init-from: the checkpoint's)")
     a("--bpe-vocab-size", type=int, default=512, help="vocabulary size of --tokenizer bpe")
     a("--max-seconds", type=float, default=None,
       help=f"time budget from launch to exit, in seconds (default {DEFAULT_SECONDS:.0f} if --max-steps is unset)")
@@ -209,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     g("--eval-batches", type=int, help="fixed validation batches per evaluation; " + _hyper("eval_batches"))
     g("--ckpt-interval", type=int, help="steps between checkpoints (default: every evaluation)")
     g("--sample-tokens", type=int, help="tokens per sample printed at the end (0: none); " + _hyper("sample_tokens"))
+    f = t.add_argument_group("fine-tuning a trained model (tlama_mini/finetune.py)").add_argument
+    f("--init-from", metavar="RUN", help="start from this checkpoint (the --out of a training run): its weights, "
+      "tokenizer, preset and context; without --lora-rank every weight trains")
+    f("--lora-rank", type=int, help="train only LoRA adapters of this rank (the base stays frozen); writes "
+      "OUT/adapters/ and the merged model OUT/merged/, which `sample --ckpt OUT` uses")
+    f("--lora-alpha", type=float, help="LoRA scale alpha / rank (default: alpha = 2 * rank)")
+    f("--lora-targets", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()), metavar="NAMES",
+      help="comma-separated linears to adapt, among Wq,Wk,Wv,Wo,w1,w2,w3,output (default: Wq,Wk,Wv,Wo)")
     m = t.add_argument_group("model overrides (default: from the preset)").add_argument
     for name, kind in MODEL_FLAGS.items():
         m("--" + name.replace("_", "-"), type=kind, help=f"TlamaConfig.{name}")
@@ -230,13 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _finetune_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults of a fine-tune: the saved run's fine-tune options (--resume), the base's preset,
+    tokenizer and context, and AdamW for LoRA adapters."""
+    from .finetune import base_defaults, saved_finetune
+    saved = saved_finetune(args.out) if args.resume else {}
+    init_from = args.init_from or saved.get("init_from")
+    if not init_from:
+        return {}
+    out = {**{k: v for k, v in saved.items() if v is not None}, **base_defaults(init_from), "init_from": init_from}
+    if args.lora_rank is not None or saved.get("lora_rank") is not None:
+        out["optimizer"] = "adamw"
+    return out
+
+
 def cmd_train(args: argparse.Namespace, started: float) -> int:
     from .device import get_device
-    preset = args.preset or ("char-gpu" if get_device(args.device).type == "cuda" else "char-cpu")
+    try:
+        base = _finetune_defaults(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: --init-from: {err}", file=sys.stderr)
+        return 2
+    base_preset = base.pop("preset", None)
+    preset = args.preset or base_preset or ("char-gpu" if get_device(args.device).type == "cuda" else "char-cpu")
     max_seconds = args.max_seconds if args.max_seconds or args.max_steps else DEFAULT_SECONDS
     names = [f.name for f in dataclasses.fields(TrainConfig)]
-    given = {k: v for k, v in vars(args).items() if k in names and k not in ("preset", "max_seconds")}
-    cfg = train_config(preset, max_seconds=max_seconds, **given)
+    given = {k: v for k, v in vars(args).items() if k in names and k not in ("preset", "max_seconds") and v is not None}
+    cfg = train_config(preset, max_seconds=max_seconds, **{"tokenizer": "char", **base, **given})
     overrides = {k: getattr(args, k) for k in [*MODEL_FLAGS, "tie_embeddings"] if getattr(args, k) is not None}
     overrides.update(_parse_set(args.set))
     base = PRESETS[preset]
@@ -247,6 +276,12 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if trainer.master and not cfg.quiet and cfg.init_from:
+        from .finetune import parameter_counts
+        trainable, total = parameter_counts(trainer.model)
+        how = f"LoRA rank {cfg.lora_rank} on {', '.join(cfg.lora_targets)}" if cfg.lora_rank else "every weight"
+        print(f"fine-tuning {cfg.init_from}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%, "
+              f"{how}); the base model's validation loss on the new data: {trainer.base_val_loss:.4f}", flush=True)
     if trainer.master and not cfg.quiet:
         print(f"training {trainer.model.num_params():,} parameters on {trainer.device} ({trainer.world} process"
               f"{'es' if trainer.world > 1 else ''}), data {trainer.corpus.source}: "
@@ -254,6 +289,10 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     result = trainer.run(TqdmReporter(cfg, trainer.step, trainer.master))
     if trainer.master and result["status"] != "diverged":
         summary = {k: v for k, v in result.items() if k != "history"}
+        if cfg.init_from:
+            from .finetune import parameter_counts
+            summary.update(zip(("trainable_params", "total_params"), parameter_counts(trainer.model)),
+                           base_val_loss=trainer.base_val_loss)
         (trainer.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         t0 = time.perf_counter()
         plot = plot_metrics(trainer.out)

@@ -2,9 +2,11 @@
 trainer use these, so the same code runs unchanged on CUDA, Apple's MPS, and CPU."""
 from __future__ import annotations
 
+import os
 import random
 
 import torch
+import torch.distributed as dist
 
 
 def get_device(preferred: str | None = None) -> torch.device:
@@ -40,3 +42,27 @@ def seed_everything(seed: int) -> None:
     """Seed Python's, torch's (all devices) RNGs so reruns agree."""
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: plain float32). `auto`: bf16 on CUDA that supports it, else fp16 (with
+    gradient scaling); bf16 on CPUs with native bf16 (`cpu_has_bf16`); fp32 elsewhere (MPS, older CPUs).
+    Weights and optimizer state stay float32 either way."""
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; sets up the process group
+    (NCCL on CUDA, gloo on CPU) when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)  # env:// rendezvous set up by torchrun
+    return rank, local, world

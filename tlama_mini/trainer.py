@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -35,7 +34,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import TlamaConfig
 from .data import BatchSampler, Corpus, fixed_batches, full_split_batches, prepare_data
-from .device import cpu_has_bf16, get_device
+from .device import autocast_dtype, get_device, init_distributed  # noqa: F401 (autocast_dtype: API)
 from .model import Transformer
 from .training import get_lr_scheduler
 
@@ -85,6 +84,10 @@ class TrainConfig:
     sample_tokens: int = 300        # reserved for: samples printed at the end (see cli.py)
     num_samples: int = 2
     quiet: bool = False
+    init_from: str | None = None    # fine-tune this checkpoint (finetune.py) instead of a fresh model
+    lora_rank: int | None = None    # with init_from: train LoRA adapters of this rank only
+    lora_alpha: float | None = None  # LoRA scale alpha / r; None: alpha = 2 * rank
+    lora_targets: tuple[str, ...] = ("Wq", "Wk", "Wv", "Wo")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches"):
@@ -104,30 +107,6 @@ def train_config(preset: str, **overrides: Any) -> TrainConfig:
     """TrainConfig with the preset's defaults (TRAIN_PRESETS), then `overrides` (None = keep)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     return TrainConfig(preset=preset, **{**TRAIN_PRESETS.get(preset, {}), **given})
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: plain float32). `auto`: bf16 on CUDA that supports it, else fp16 (with
-    gradient scaling); bf16 on CPUs with native bf16 (`cpu_has_bf16`); fp32 elsewhere (MPS, older CPUs).
-    Weights and optimizer state stay float32 either way."""
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; sets up the process group
-    (NCCL on CUDA, gloo on CPU) when there is more than one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)  # env:// rendezvous set up by torchrun
-    return rank, local, world
 
 
 class Reporter:
@@ -165,11 +144,17 @@ class Trainer:
         if not resume and not overwrite and (self.ckpt_dir.exists() or (self.out / "metrics.jsonl").exists()):
             raise FileExistsError(f"{self.out} already holds a training run: pass --resume to continue it, "
                                   "--overwrite to start again from scratch, or choose another --out")
-        self.corpus: Corpus = prepare_data(cfg.data, cfg.tokenizer, bpe_vocab_size=cfg.bpe_vocab_size)
-        overrides = {"vocab_size": self.corpus.tokenizer.vocab_size, "max_seq_len": cfg.seq_len, **(model_overrides or {})}
-        self.model_config = TlamaConfig.from_preset(cfg.preset, **overrides)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = Transformer(self.model_config).to(self.device)
+        self.corpus: Corpus
+        if cfg.init_from or cfg.lora_rank is not None:  # the model and tokenizer of a trained checkpoint
+            from .finetune import build
+            self.corpus, self.model_config, self.model = build(cfg, model_overrides or {}, self.device, resume)
+        else:
+            self.corpus = prepare_data(cfg.data, cfg.tokenizer, bpe_vocab_size=cfg.bpe_vocab_size)
+            overrides = {"vocab_size": self.corpus.tokenizer.vocab_size, "max_seq_len": cfg.seq_len,
+                         **(model_overrides or {})}
+            self.model_config = TlamaConfig.from_preset(cfg.preset, **overrides)
+            torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+            self.model = Transformer(self.model_config).to(self.device)
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, self.device.type,
                                                          master_process=self.master and not cfg.quiet,
                                                          betas=(cfg.beta1, cfg.beta2), optimizer=cfg.optimizer,
@@ -179,6 +164,8 @@ class Trainer:
                                     rank=self.rank, world_size=self.world)
         self.val_batches = fixed_batches(self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
         self.step, self.train_seconds, self.history = 0, 0.0, []
+        # a fine-tune's starting point: the base model's loss on the new data
+        self.base_val_loss = self.evaluate(self.val_batches[self.rank::self.world]) if cfg.init_from else None
         torch.manual_seed(cfg.seed + self.rank)  # dropout differs across ranks
         if resume:
             self._load()
@@ -205,8 +192,11 @@ class Trainer:
                  "scaler": self.scaler.state_dict() if self.scaler else {}, "sampler": self.sampler.state_dict(),
                  "rng": rngs}
         if self.master:
-            ckpt.save_checkpoint(self.ckpt_dir, self.model, state, {**self.run_config(), "step": self.step},
-                                 self.corpus.tokenizer)
+            config = {**self.run_config(), "step": self.step}
+            ckpt.save_checkpoint(self.ckpt_dir, self.model, state, config, self.corpus.tokenizer)
+            if self.cfg.lora_rank is not None:  # OUT/adapters and OUT/merged (finetune.py)
+                from .finetune import save_adapters_and_merged
+                save_adapters_and_merged(self.out, self.model, self.corpus.tokenizer, config)
 
     def _load(self) -> None:
         where = ckpt.find_checkpoint(self.ckpt_dir)
@@ -280,7 +270,8 @@ class Trainer:
         (self.out / "config.json").write_text(json.dumps(self.run_config(), indent=2), encoding="utf-8")
         if not self.resume:  # --overwrite: forget the old run
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            for folder in (self.ckpt_dir, self.out / "adapters", self.out / "merged"):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _schedule(self, progress: float) -> float:
         """Learning rate at this step. Step budget: the seed's get_lr_scheduler. Time budget: linear
