@@ -5,6 +5,8 @@ with A (r, in) random and B (out, r) zero at the start, so the adapted model beg
 to the base model and only r * (in + out) numbers per matrix are trained. After training,
 `merge_lora` folds B A into W and the model is an ordinary `Transformer` again.
 
+`LoRA(dim, dim_out)` is the adapter on its own (an update added beside a layer: seed 000's "finetune
+modules" of `palm.ParallelTransformerBlock`); `LoRALinear` wraps an `nn.Linear` with one.
 `apply_lora(model)` puts adapters on the attention projections Wq Wk Wv Wo (the "finetune modules"
 of seed 000) or on any linears named in `targets`, and freezes everything else.
 Legend: `...` leading dims, I in_features, O out_features, r rank.
@@ -16,6 +18,29 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class LoRA(nn.Module):
+    """A low-rank update usable as a fine-tune module: x (..., dim) -> (alpha / r) * x A B (..., dim_out).
+    A (dim, r) is random and B (r, dim_out) zero, so the adapted block starts equal to the base one.
+    Parameter names A and B as in palm-rlhf-pytorch's LoRA."""
+
+    def __init__(self, dim: int, dim_out: int, r: int = 8, alpha: float | None = None) -> None:
+        super().__init__()
+        if min(dim, dim_out, r) <= 0:
+            raise ValueError(f"LoRA sizes must be positive: dim={dim}, dim_out={dim_out}, r={r}")
+        self.dim, self.dim_out, self.r = dim, dim_out, r
+        self.scale = (r if alpha is None else alpha) / r
+        self.A = nn.Parameter(torch.randn(dim, r) / math.sqrt(dim))
+        self.B = nn.Parameter(torch.zeros(r, dim_out))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The update as one (dim, dim_out) matrix, for merging."""
+        return (self.A @ self.B) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A) @ self.B * self.scale
 
 
 class LoRALinear(nn.Module):

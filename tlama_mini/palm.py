@@ -42,32 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .lora import LoRA
 from .rope import apply_rope, xpos_scale
 
 __all__ = ["LoRA", "PaLMLayerNorm", "ParallelTransformerBlock", "TransformerBlock"]
-
-
-class LoRA(nn.Module):
-    """A low-rank update usable as a fine-tune module: x (..., dim) -> (alpha / r) * x A B (..., dim_out).
-    A (dim, r) is random and B (r, dim_out) zero, so the adapted block starts equal to the base one.
-    Parameter names A and B as in palm-rlhf-pytorch's LoRA."""
-
-    def __init__(self, dim: int, dim_out: int, r: int = 8, alpha: float | None = None) -> None:
-        super().__init__()
-        if min(dim, dim_out, r) <= 0:
-            raise ValueError(f"LoRA sizes must be positive: dim={dim}, dim_out={dim_out}, r={r}")
-        self.dim, self.dim_out, self.r = dim, dim_out, r
-        self.scale = (r if alpha is None else alpha) / r
-        self.A = nn.Parameter(torch.randn(dim, r) / math.sqrt(dim))
-        self.B = nn.Parameter(torch.zeros(r, dim_out))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The update as one (dim, dim_out) matrix, for merging."""
-        return (self.A @ self.B) * self.scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A) @ self.B * self.scale
 
 
 class PaLMLayerNorm(nn.Module):
