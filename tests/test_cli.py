@@ -43,7 +43,8 @@ def test_help_is_complete():
     for flag in ("--preset", "--data", "--tokenizer", "--max-seconds", "--max-steps", "--out", "--resume", "--device",
                  "--dtype", "--compile", "--seed", "--batch-size", "--seq-len", "--grad-accum", "--lr", "--min-lr",
                  "--warmup-steps", "--weight-decay", "--grad-clip", "--eval-interval", "--d-model", "--n-layers",
-                 "--n-heads", "--dropout", "--set", "--threads", "--quiet"):
+                 "--n-heads", "--dropout", "--set", "--threads", "--quiet", "--init-from", "--lora-rank",
+                 "--lora-alpha", "--lora-targets"):
         assert flag in out, flag
     sample = build_parser().parse_args(["sample", "--ckpt", "x"])
     assert {"ckpt", "prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_samples"} <= vars(sample).keys()
