@@ -4,9 +4,10 @@
 
 GQA (Ainslie et al., 2023): K key/value heads are shared by groups of n_rep = H / K query heads;
 K = H is ordinary multi-head attention (MHA), K = 1 is multi-query attention (MQA, Shazeer 2019).
-Three interchangeable backends compute the same thing and are tested equal: `naive` (the formula
-above, written out), `sdpa` (torch's fused `scaled_dot_product_attention`) and `flash` (the tiled
-online-softmax algorithm of `tlama_mini.flash`).
+Four interchangeable backends compute the same thing and are tested equal: `naive` (the formula
+above, written out), `sdpa` (torch's fused `scaled_dot_product_attention`), `flash` (the tiled
+online-softmax algorithm of `tlama_mini.flash`) and `triton` (the same algorithm as fused Triton
+kernels, `tlama_mini.triton_flash`).
 
 Masks: boolean, True = may attend (see masks.py). `is_causal=True` means the plain causal mask with
 the queries aligned to the *last* T of the S keys, which is what decoding with a cache needs.
@@ -76,14 +77,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None and mask.shape[-2:] != (T, S):
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit {T} queries and {S} keys; "
                          f"expected (..., {T}, {S})")
-    if backend == "flash":
+    if backend in ("flash", "triton"):
         if mask is not None or dropout_p > 0.0:
-            raise ValueError("the flash backend supports causal or unmasked attention without dropout; "
+            raise ValueError(f"the {backend} backend supports causal or unmasked attention without dropout; "
                              "use backend='sdpa' for explicit masks")
+        if backend == "triton":
+            from .triton_flash import triton_flash_attention  # needs the optional triton package
+            return triton_flash_attention(q, k, v, causal=is_causal)
         from .flash import flash_attention  # imported lazily: flash.py builds on this module
         return flash_attention(q, k, v, causal=is_causal, block_size=flash_block_size)
     if backend not in ("naive", "sdpa"):
-        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'naive' or 'flash'")
+        raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'naive', 'flash' or 'triton'")
     gqa_kernel = backend == "sdpa" and _SDPA_HAS_GQA and K != H
     if K != H and not gqa_kernel:  # share each kv head with its group of query heads: (B, K, S, D) -> (B, H, S, D)
         k = repeat_kv(k.transpose(1, 2), H // K).transpose(1, 2)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-ATTN_BACKENDS = ("sdpa", "naive", "flash")
+ATTN_BACKENDS = ("sdpa", "naive", "flash", "triton")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +64,7 @@ class TlamaConfig:
     # --- training-time extras ---
     dropout: float = 0.0
     tie_embeddings: bool = False
-    attn_backend: Literal["sdpa", "naive", "flash"] = "sdpa"
+    attn_backend: Literal["sdpa", "naive", "flash", "triton"] = "sdpa"  # triton: triton_flash.py
     flash_block_size: int = 64             # query/key tile size of the flash backend
     blockwise_chunk_size: int | None = None  # chunk the FFN, LM head and loss over tokens (seed 002)
     # --- modern variants (seed 003) ---
@@ -119,8 +119,9 @@ class TlamaConfig:
             raise ValueError(f"attn_backend ({self.attn_backend!r}) must be one of {ATTN_BACKENDS}")
         if self.sliding_window is not None and self.attention_chunk_size is not None:
             raise ValueError("sliding_window and attention_chunk_size are mutually exclusive; set one of them")
-        if self.attn_backend == "flash" and (self.sliding_window or self.attention_chunk_size or self.dropout):
-            raise ValueError("attn_backend='flash' supports plain causal attention without dropout; "
+        if self.attn_backend in ("flash", "triton") and (self.sliding_window or self.attention_chunk_size
+                                                          or self.dropout):
+            raise ValueError(f"attn_backend={self.attn_backend!r} supports plain causal attention without dropout; "
                              "unset sliding_window/attention_chunk_size/dropout or use attn_backend='sdpa'")
         if self.n_experts is not None and self.n_experts_per_tok > self.n_experts:
             raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= n_experts ({self.n_experts})")
