@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,3 +27,11 @@ def test_attention_benchmark_quick():
 def test_generation_benchmark_quick():
     out = _run("benchmarks/bench_generation.py", "--quick", "--threads", "1", "--presets", "tiny")
     assert re.search(r"tok", out) and "tiny" in out, out
+
+
+def test_triton_flash_benchmark_quick():
+    pytest.importorskip("triton")
+    out = _run("benchmarks/bench_triton_flash.py", "--quick")
+    rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["sdpa", "flash (PyTorch tiles)", "triton"], out
+    assert max(float(r.split("|")[-2]) for r in rows) < 1e-5, out
