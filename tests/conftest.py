@@ -14,3 +14,12 @@ def data_dir() -> Path:
         pytest.skip("offline data not found: put shared/data beside the checkout or set TLAMA_DATA_DIR "
                     "(see shared/data/README.md)")
     return path
+
+
+@pytest.fixture(scope="module")
+def module_token_cache(tmp_path_factory):
+    """Encoded corpora go to a temporary cache shared by one test module, not the user's (subprocesses
+    inherit the variable). Use with `pytestmark = pytest.mark.usefixtures("module_token_cache")`."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("TLAMA_TOKEN_CACHE", str(tmp_path_factory.mktemp("tokens")))
+        yield

@@ -11,11 +11,7 @@ from tlama_mini.cli import build_parser, main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TLAMA_TOKEN_CACHE", str(tmp_path_factory.mktemp("tokens")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_token_cache")
 
 
 @pytest.fixture(scope="module")

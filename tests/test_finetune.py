@@ -16,11 +16,7 @@ from tlama_mini.trainer import Reporter, Trainer, train_config
 LORA = ("--lora-rank", "4")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TLAMA_TOKEN_CACHE", str(tmp_path_factory.mktemp("tokens")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_token_cache")
 
 
 @pytest.fixture(scope="module")

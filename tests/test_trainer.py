@@ -30,12 +30,7 @@ def small_text(tmp_path_factory, data_dir) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    """Encoded corpora go to a temporary cache, not the user's (subprocesses inherit the variable)."""
-    with pytest.MonkeyPatch.context() as m:
-        m.setenv("TLAMA_TOKEN_CACHE", str(tmp_path_factory.mktemp("tokens")))
-        yield
+pytestmark = pytest.mark.usefixtures("module_token_cache")
 
 
 def tiny(small_text: Path, out: Path, **kw) -> TrainConfig:
