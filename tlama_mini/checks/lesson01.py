@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import BPETokenizer, get_pair_counts, merge_pair
-from .common import fail, passed
+from .common import attributes_stubs, fail, passed
 
 # Only the checks: `from tlama_mini.checks.lesson01 import *` must not hand the reference solutions to the learner.
 __all__ = ["check_bpe_decode", "check_bpe_encode", "check_get_pair_counts", "check_merge_pair", "check_train_bpe"]
@@ -94,6 +94,7 @@ def _as_counts(name: str, out: Any) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- exercises
+@attributes_stubs
 def check_get_pair_counts(fn) -> None:
     """fn(ids: list[int]) -> dict {(a, b): number of positions i with ids[i] == a and ids[i+1] == b}."""
     name = "get_pair_counts"
@@ -121,6 +122,7 @@ def check_get_pair_counts(fn) -> None:
     passed(name, f"{len(expected)} distinct pairs in {len(ids)} random ids, and the empty cases")
 
 
+@attributes_stubs
 def check_merge_pair(fn) -> None:
     """fn(ids, pair, new_id) -> a new list with every non-overlapping occurrence of pair, scanned left
     to right, replaced by new_id."""
@@ -169,6 +171,7 @@ def check_merge_pair(fn) -> None:
     passed(name, f"pairs {other} and {(x, x)} (with an overlapping run) in {len(ids)} random ids")
 
 
+@attributes_stubs
 def check_train_bpe(fn) -> None:
     """fn(text, n_merges) -> dict {(a, b): new_id} of n_merges merges, new ids 256, 257, ... in the
     order learned, each the most frequent adjacent pair at its step (ties: any of the most frequent)."""
@@ -209,6 +212,7 @@ def check_train_bpe(fn) -> None:
                  + ("" if same else "; ties broken differently from tlama_mini, which is fine"))
 
 
+@attributes_stubs
 def check_bpe_encode(fn) -> None:
     """fn(text, merges) -> list of ids: the UTF-8 bytes of text, then, repeatedly, the adjacent pair
     with the lowest new id in `merges` replaced, until no adjacent pair is in `merges`."""
@@ -254,6 +258,7 @@ def check_bpe_encode(fn) -> None:
     passed(name, f"{len(text)} chars -> {len(out)} tokens with {len(merges)} merges")
 
 
+@attributes_stubs
 def check_bpe_decode(fn) -> None:
     """fn(ids, merges) -> str: the bytes of all tokens joined, decoded as UTF-8 with errors="replace"."""
     name = "bpe_decode"

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..embeddings import add_positions, position_shift_matrix, sinusoidal_positions
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 # Only the checks: `from tlama_mini.checks.lesson02 import *` must not hand the reference solutions to the learner.
 __all__ = ["check_add_positions", "check_embed_lookup_onehot", "check_position_shift_matrix",
@@ -18,6 +18,7 @@ def _rand(lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, ()))
 
 
+@attributes_stubs
 def check_embed_lookup_onehot(fn) -> None:
     """fn(ids (B, T) int64, table (V, C) float) -> (B, T, C), computed as one_hot(ids) @ table."""
     name = "embed_lookup_onehot"
@@ -41,6 +42,7 @@ def check_embed_lookup_onehot(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, ids {tuple(ids.shape)}, table ({V}, {C})")
 
 
+@attributes_stubs
 def check_sinusoidal_positions(fn) -> None:
     """fn(n_pos, dim) -> (n_pos, dim) with pe[p, 2i] = sin(p w_i), pe[p, 2i+1] = cos(p w_i),
     w_i = 10000 ** (-2i / dim)."""
@@ -82,6 +84,7 @@ def check_sinusoidal_positions(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} for n_pos={n_pos}, dim={dim}")
 
 
+@attributes_stubs
 def check_add_positions(fn) -> None:
     """fn(x (B, T, C), pos_table (P, C), start_pos) -> (B, T, C) = x + pos_table[start_pos:start_pos+T];
     raises ValueError when start_pos + T > P."""
@@ -117,6 +120,7 @@ def check_add_positions(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)}, table ({P}, {C}), start_pos={start}")
 
 
+@attributes_stubs
 def check_position_shift_matrix(fn) -> None:
     """fn(k, dim) -> M (dim, dim) with pe[p + k] = M @ pe[p] for the interleaved sinusoidal table."""
     name = "position_shift_matrix"

@@ -12,7 +12,7 @@ import torch
 
 from ..config import RopeScaling
 from ..rope import apply_rope, compute_freqs_cis, scale_freqs
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_rope_frequencies", "check_apply_rope", "check_relative_score", "check_scale_rope_frequencies"]
 
@@ -30,6 +30,7 @@ def _rotate_halves(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, T, H, D)
 
 
+@attributes_stubs
 def check_rope_frequencies(fn) -> None:
     """fn(dim, theta) -> (dim // 2,) float tensor of rotation frequencies theta ** (-2i / dim)."""
     name = "rope_frequencies"
@@ -51,6 +52,7 @@ def check_rope_frequencies(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} for dim={dim}, theta={theta:g}")
 
 
+@attributes_stubs
 def check_apply_rope(fn) -> None:
     """fn(xq, xk, freqs_cis) -> (xq_rot, xk_rot); xq (B, T, H, D), xk (B, T, K, D), freqs_cis (T, D/2) complex."""
     name = "apply_rope"
@@ -80,6 +82,7 @@ def check_apply_rope(fn) -> None:
     passed(name, f"max abs diff {max(dq, dk):.1e} with T={T}, H={H}, K={K}, D={D}")
 
 
+@attributes_stubs
 def check_relative_score(fn) -> None:
     """fn(q, k, m, n, theta) -> scalar: the dot product of q rotated to position m with k rotated to
     position n (no 1/sqrt(D) scale). q, k (D,)."""
@@ -117,6 +120,7 @@ def check_relative_score(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} over {len(positions)} (m, n) pairs, D={D}")
 
 
+@attributes_stubs
 def check_scale_rope_frequencies(fn) -> None:
     """fn(freqs, factor, low_freq_factor, high_freq_factor, original_max_seq_len) -> (D/2,) scaled freqs
     (Llama 3.1 context extension)."""

@@ -13,7 +13,7 @@ import torch
 from ..attention import attention, naive_attention
 from ..attention import repeat_kv as ref_repeat_kv
 from ..masks import causal_mask
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_repeat_kv", "check_gqa_attention", "check_kv_cache_bytes"]
 
@@ -25,6 +25,7 @@ def _tiled(kv: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
     return kv.repeat(*reps)
 
 
+@attributes_stubs
 def check_repeat_kv(fn) -> None:
     """fn(kv, n_rep) with kv (B, S, K, D) -> (B, S, K * n_rep, D); output head h is kv head h // n_rep."""
     name = "repeat_kv"
@@ -43,6 +44,7 @@ def check_repeat_kv(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, kv {tuple(kv.shape)} with n_rep={n_rep} -> {tuple(expected.shape)}")
 
 
+@attributes_stubs
 def check_gqa_attention(fn) -> None:
     """fn(q, k, v, mask) with q (B, H, T, D), k/v (B, K, S, D), mask (T, S) bool or None -> (B, H, T, D)."""
     name = "gqa_attention"
@@ -67,6 +69,7 @@ def check_gqa_attention(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} with H={H}, K={K}, T={T}")
 
 
+@attributes_stubs
 def check_kv_cache_bytes(fn) -> None:
     """fn(n_layers, n_kv_heads, head_dim, seq_len, batch, dtype_bytes) -> int: bytes of the K and V caches."""
     name = "kv_cache_bytes"

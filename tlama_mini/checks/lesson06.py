@@ -19,7 +19,7 @@ from ..ffn import FeedForward
 from ..model import TransformerBlock
 from ..norm import RMSNorm
 from ..rope import compute_freqs_cis
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_rms_norm", "check_swiglu", "check_block_forward", "check_ffn_hidden_size"]
 
@@ -34,6 +34,7 @@ def _call(name: str, fn: Callable[..., Any], *args: Any, hint: str = "") -> Any:
         fail(name, f"it crashed with {type(e).__name__}: {str(e).splitlines()[0]}", hint)
 
 
+@attributes_stubs
 def check_rms_norm(fn) -> None:
     """fn(x, weight, eps) with x (..., C), weight (C,) -> (..., C): x / sqrt(mean(x**2 over C) + eps) * weight."""
     name = "rms_norm"
@@ -80,6 +81,7 @@ def _linear_weights(C: int, Fh: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return (torch.randn(Fh, C) / math.sqrt(C), torch.randn(C, Fh) / math.sqrt(Fh), torch.randn(Fh, C) / math.sqrt(C))
 
 
+@attributes_stubs
 def check_swiglu(fn) -> None:
     """fn(x, w1, w2, w3) with x (..., C), w1/w3 (F, C), w2 (C, F) (nn.Linear layout) -> (..., C):
     w2(silu(w1 x) * w3 x)."""
@@ -119,6 +121,7 @@ def _block() -> tuple[TransformerBlock, torch.Tensor]:
     return block, compute_freqs_cis(cfg.head_dim, cfg.max_seq_len)
 
 
+@attributes_stubs
 def check_block_forward(fn) -> None:
     """fn(x, attention, ffn, attention_norm, ffn_norm) with x (B, T, C) and four callables
     (B, T, C) -> (B, T, C) -> (B, T, C): the pre-norm block h = x + attention(attention_norm(x)),
@@ -182,6 +185,7 @@ def _rule(hidden_dim: int, multiple_of: int, mult: float | None, *, two_thirds: 
     return r
 
 
+@attributes_stubs
 def check_ffn_hidden_size(fn) -> None:
     """fn(hidden_dim, multiple_of, ffn_dim_multiplier) -> int: Llama's SwiGLU hidden size."""
     name = "ffn_hidden_size"

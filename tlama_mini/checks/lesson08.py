@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..attention import naive_attention
 from ..flash import flash_attention, online_softmax_update
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_online_softmax_update", "check_tiled_attention_forward", "check_attention_probs_from_lse",
            "check_attention_backward", "check_blockwise_cross_entropy"]
@@ -61,6 +61,7 @@ def _previous_state(shape: tuple[int, ...], D: int) -> tuple[torch.Tensor, ...]:
     return m0, p0.sum(-1), p0 @ v0
 
 
+@attributes_stubs
 def check_online_softmax_update(fn) -> None:
     """fn(m, l, acc, scores, v) -> (m, l, acc): fold one tile into the running softmax state.
     m, l (B, H, bq); acc (B, H, bq, D); scores (B, H, bq, bk) scaled, -inf where masked; v (B, H, bk, D)."""
@@ -110,6 +111,7 @@ def check_online_softmax_update(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} with bq={bq}, bk={bk}; a fully masked row stays NaN-free")
 
 
+@attributes_stubs
 def check_tiled_attention_forward(fn) -> None:
     """fn(q, k, v, block) -> (out, lse), non-causal: q (B, H, T, D), k, v (B, H, S, D), tiles of `block`
     queries and keys; out (B, H, T, D), lse (B, H, T) = logsumexp of each query's scaled scores."""
@@ -156,6 +158,7 @@ def check_tiled_attention_forward(fn) -> None:
            f"{watch.largest} elements < T*S*B*H = {B * H * T * S}")
 
 
+@attributes_stubs
 def check_attention_probs_from_lse(fn) -> None:
     """fn(scores, lse) -> probs: scores (B, H, T, S) (scaled, -inf where masked), lse (B, H, T).
     probs = softmax(scores, -1), recomputed as exp(scores - lse)."""
@@ -191,6 +194,7 @@ def _backward(q, k, v, out, lse, dout, *, use_max=False, with_dsum=True, scale_g
     return ds @ k * c, ds.transpose(-2, -1) @ q * c, dv
 
 
+@attributes_stubs
 def check_attention_backward(fn) -> None:
     """fn(q, k, v, out, lse, dout) -> (dq, dk, dv) of non-causal attention out = softmax(q k^T / sqrt(D)) v,
     with P recomputed from lse. q (B, H, T, D), k, v (B, H, S, D), out, dout (B, H, T, D), lse (B, H, T)."""
@@ -223,6 +227,7 @@ def check_attention_backward(fn) -> None:
            f"(float64, T={T}, S={S})")
 
 
+@attributes_stubs
 def check_blockwise_cross_entropy(fn) -> None:
     """fn(logits, targets, chunk_size) -> scalar mean cross-entropy, computed chunk_size rows at a time.
     logits (N, V), targets (N,) ids. Equals F.cross_entropy(logits, targets), also in its gradient."""

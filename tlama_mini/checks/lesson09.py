@@ -9,13 +9,14 @@ from ..config import TlamaConfig
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..sample import generate, top_k_filter, top_p_filter
-from .common import ExerciseFailed, check_tensor, fail, passed
+from .common import ExerciseFailed, attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_cache_update", "check_top_k_filter", "check_top_p_filter", "check_sample_loop"]
 
 NEG_INF = float("-inf")
 
 
+@attributes_stubs
 def check_cache_update(fn) -> None:
     """fn(cache_k, cache_v, xk, xv, start_pos) writes xk/xv (B, T, K, D) into the buffers
     (B_max, S_max, K, D) at positions start_pos.. and returns the keys and values of positions
@@ -69,6 +70,7 @@ def check_cache_update(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}; B={B}, start_pos={start_pos}, T={T}, then one decode step")
 
 
+@attributes_stubs
 def check_top_k_filter(fn) -> None:
     """fn(logits, k): logits (B, V) -> (B, V) with all but the k largest of each row set to -inf."""
     name = "top_k_filter"
@@ -118,6 +120,7 @@ def _top_p_mistakes(logits: torch.Tensor, p: float) -> dict[str, torch.Tensor]:
     }
 
 
+@attributes_stubs
 def check_top_p_filter(fn) -> None:
     """fn(logits, p): logits (B, V) -> (B, V); keep the smallest set of most likely tokens whose total
     probability reaches p (always at least one), set the rest to -inf."""
@@ -153,6 +156,7 @@ def check_top_p_filter(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} on random logits with V={V}, p={p:.2f}")
 
 
+@attributes_stubs
 def check_sample_loop(fn) -> None:
     """fn(model, tokens, n): greedy generation of n tokens with the KV cache; model in eval mode;
     tokens (B, T) -> (B, T + n). Must equal tlama_mini.generate(model, tokens, n, temperature=0)."""
