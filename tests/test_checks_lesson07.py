@@ -45,6 +45,12 @@ def test_router_topk_mistakes():
     fails_with(check_router_topk, lambda l, k: router_topk(-l, k), "lowest")
     fails_with(check_router_topk, lambda l, k: tuple(t.flip(-1) for t in router_topk(l, k)), "wrong order")
 
+    def second_softmax(logits, k):  # renormalises the kept probabilities with another softmax
+        top, idx = torch.softmax(logits, -1).topk(k, -1)
+        return torch.softmax(top, -1), idx
+
+    fails_with(check_router_topk, second_softmax, "second softmax", "divide them by their sum")
+
 
 def test_load_balancing_loss_mistakes():
     fails_with(check_load_balancing_loss, lambda p, e: load_balancing_loss(p, e) / p.shape[-1], "factor E")

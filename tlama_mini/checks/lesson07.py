@@ -56,7 +56,11 @@ def check_router_topk(fn) -> None:
     _check_indices(name, idx, experts_ref, logits, k)
     top_logits = logits.gather(-1, experts_ref)  # (N, k)
     wrong_dim = torch.softmax(logits, 0).gather(-1, experts_ref)
+    top_probs = torch.softmax(logits, -1).gather(-1, experts_ref)  # (N, k), not renormalised
     mistakes = {
+        "the k chosen probabilities are renormalised with a second softmax: softmax(p) is not p / sum(p) (it "
+        "exponentiates probabilities, flattening the weights towards 1/k); divide them by their sum, or take "
+        "one softmax of the top-k *logits*": torch.softmax(top_probs, -1),
         "the weights are not renormalised: divide the k chosen probabilities by their sum (Mixtral's "
         "norm_topk_prob), so every token's weights add up to 1": route(logits, k, norm_topk_prob=False)[0],
         "the weights are raw logits: turn the scores into probabilities with a softmax": top_logits,
