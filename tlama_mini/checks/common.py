@@ -90,6 +90,13 @@ def compare(name: str, out: Any, expected: torch.Tensor, *, mistakes: Mapping[st
         raise
 
 
+def check_unchanged(name: str, given: torch.Tensor, original: torch.Tensor, what: str, hint: str) -> None:
+    """Fail if the learner's fn changed its input `given` (a copy of `original`) in place."""
+    if given.shape != original.shape or not torch.equal(given, original):
+        fail(name, f"{what} was modified in place; the exercise asks for a new tensor and must leave its input "
+             "as it was (the caller may still need it)", hint)
+
+
 def _stub_raiser(e: NotImplementedError) -> str | None:
     """The function whose bare `raise NotImplementedError` (an exercise stub) this is; None for errors with a
     message (torch's own NotImplementedError for an unsupported operation names what is missing)."""
