@@ -130,9 +130,21 @@ def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
             for mistake, wrong in mistakes.items():
                 if torch.allclose(got, wrong, rtol=1e-6, atol=1e-12):
                     fail(label, f"the schedule matches a known mistake: {mistake}")
-            bad = int((~torch.isclose(got, expected, rtol=1e-6, atol=1e-12)).nonzero()[0])
+            wrong_steps = (~torch.isclose(got, expected, rtol=1e-6, atol=1e-12)).nonzero().flatten().tolist()
+            bad = int((got - expected).abs().argmax())  # the largest difference, not a rounding-sized first one
             phase = "warmup" if bad < w else "cosine decay" if bad < max_steps else "after max_steps"
-            fail(label, f"at step {bad} ({phase}) got {got[bad].item():.6g}, expected {expected[bad].item():.6g}",
+            at = f"at step {bad} ({phase}) got {got[bad].item():.6g}, expected {expected[bad].item():.6g}"
+            floorless = _schedule(**kw, floor=False)[w:max_steps]  # the decay written as if min_lr were 0
+            for mistake, wrong in {
+                "min_lr is missing from the cosine decay, which goes down to about 0 instead of to min_lr":
+                    floorless,
+                "the cosine scales max_lr instead of (max_lr - min_lr), so the decay starts at max_lr + min_lr":
+                    floorless + min_lr,
+            }.items():
+                if max_steps > w and torch.allclose(got[w:max_steps], wrong, rtol=1e-6, atol=1e-12):
+                    fail(label, f"{at}: {mistake}", "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr)")
+            fail(label, f"{at}, the largest difference ({len(wrong_steps)} steps differ, the first is step "
+                 f"{wrong_steps[0]})",
                  "warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps; then progress = "
                  "(step - warmup_steps) / (max_steps - warmup_steps) and min_lr + 0.5 * (1 + cos(pi * progress)) "
                  "* (max_lr - min_lr); min_lr from max_steps on")
