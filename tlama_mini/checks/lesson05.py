@@ -13,7 +13,7 @@ import torch
 from ..attention import attention, naive_attention
 from ..attention import repeat_kv as ref_repeat_kv
 from ..masks import causal_mask
-from .common import attributes_stubs, check_tensor, fail, passed
+from .common import attributes_stubs, call, check_tensor, compare, fail, passed
 
 __all__ = ["check_repeat_kv", "check_gqa_attention", "check_kv_cache_bytes"]
 
@@ -44,6 +44,26 @@ def check_repeat_kv(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, kv {tuple(kv.shape)} with n_rep={n_rep} -> {tuple(expected.shape)}")
 
 
+_HEADS = "here k and v are (B, K, S, D): the heads are dim 1, not dim 2 as in repeat_kv"
+_ATTENTION = ("scores = q @ k.transpose(-2, -1) / sqrt(D) with each query head's kv head; fill the scores with "
+              "-inf where mask is False (True = may attend), before the softmax over the keys (dim=-1); then @ v")
+
+
+def _kv_head_of(out: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor) -> list[int | None] | None:
+    """For each query head h of the learner's output: the kv head j with out[:, h] = attention(q_h, k_j, v_j)
+    (None where none fits); None when out is not a tensor of q's shape."""
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape:
+        return None
+    heads = []
+    for h in range(q.shape[1]):
+        fits = [j for j in range(k.shape[1]) if torch.allclose(
+            out[:, h].detach().float(), naive_attention(q[:, h:h + 1], k[:, j:j + 1], v[:, j:j + 1], mask)[:, 0],
+            atol=1e-5, rtol=1e-4)]
+        heads.append(fits[0] if fits else None)
+    return heads
+
+
 @attributes_stubs
 def check_gqa_attention(fn) -> None:
     """fn(q, k, v, mask) with q (B, H, T, D), k/v (B, K, S, D), mask (T, S) bool or None -> (B, H, T, D)."""
@@ -54,18 +74,34 @@ def check_gqa_attention(fn) -> None:
     mask = causal_mask(T)
     expected = attention(q, k, v, mask, backend="naive")  # (B, H, T, D)
     k_rep, v_rep = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)  # (B, H, S, D), the right copies
+    out = call(name, fn, q, k, v, mask, hint=_HEADS)
+    heads = _kv_head_of(out, q, k, v, mask)
+    want = [h // n_rep for h in range(H)]
+    if heads is not None and None not in heads and heads != want:  # right attention, wrong kv head per query head
+        if heads == [h % K for h in range(H)]:
+            fail(name, "the kv heads are tiled (repeat) instead of interleaved (repeat_interleave): query head h "
+                 f"must use kv head h // n_rep (here {want}), not h % K ({heads})", _HEADS)
+        fail(name, f"query heads 0..{H - 1} used kv heads {heads}; expected h // n_rep = {want}", _HEADS)
     mistakes = {
-        "the kv heads are tiled (repeat) instead of interleaved (repeat_interleave): query head h must use kv "
-        "head h // n_rep": lambda: naive_attention(q, _tiled(k, n_rep, 1), _tiled(v, n_rep, 1), mask),
-        "the scores are not divided by sqrt(head_dim)":
-            lambda: attention(q * math.sqrt(D), k, v, mask, backend="naive"),
+        "the scores are not divided by sqrt(head_dim)": lambda: attention(q * math.sqrt(D), k, v, mask, backend="naive"),
+        "the scores are divided by head_dim instead of sqrt(head_dim)":
+            lambda: attention(q / math.sqrt(D), k, v, mask, backend="naive"),
         "the mask is ignored": lambda: attention(q, k, v, None, backend="naive"),
-        "the mask is applied after the softmax":
+        "the mask is applied after the softmax (fill the scores with -inf *before* the softmax)":
             lambda: (torch.softmax(q @ k_rep.transpose(-2, -1) / math.sqrt(D), -1) * mask) @ v_rep,
+        "the mask is inverted: masked_fill(m, value) writes where m is True, and True means *may attend*; fill "
+        "the forbidden positions, scores.masked_fill(~mask, float('-inf'))": lambda: naive_attention(q, k_rep, v_rep, ~mask),
+        "softmax over the wrong dimension (use dim=-1, over the keys: each query's weights sum to 1)":
+            lambda: torch.softmax((q @ k_rep.transpose(-2, -1) / math.sqrt(D)).masked_fill(~mask, float("-inf")),
+                                  -2).nan_to_num() @ v_rep,
     }
-    diff = check_tensor(name, fn(q, k, v, mask), expected, mistakes=mistakes,
-                        hint="here k and v are (B, K, S, D): the heads are dim 1, not dim 2 as in repeat_kv")
-    check_tensor(name + " (MHA: K = H)", fn(q, q.clone(), v_rep, None), naive_attention(q, q, v_rep))
+    shape_wrong = not isinstance(out, torch.Tensor) or out.shape != expected.shape
+    diff = compare(name, out, expected, mistakes=mistakes, hint=_HEADS if shape_wrong else _ATTENTION,
+                   nan_hint="a query whose keys are all masked gets NaN (0/0); with a causal mask every query sees "
+                            "itself, so check which positions you fill with -inf (True = may attend)")
+    mha = call(name + " (MHA: K = H)", fn, q, q.clone(), v_rep, None, hint=_HEADS)
+    compare(name + " (MHA: K = H)", mha, naive_attention(q, q, v_rep), mistakes={},
+            hint="with K = H (n_rep = 1) every query head has its own kv head; mask=None means no masking")
     passed(name, f"max abs diff {diff:.1e} with H={H}, K={K}, T={T}")
 
 
@@ -110,3 +146,4 @@ def check_kv_cache_bytes(fn) -> None:
     i = next(i for i, (o, r) in enumerate(zip(outs, right)) if o != r)
     fail(name, f"kv_cache_bytes{cases[i]} = {outs[i]:,}, expected {right[i]:,} = 2 * n_layers * n_kv_heads * "
                "head_dim * seq_len * batch * dtype_bytes")
+
