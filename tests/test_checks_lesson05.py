@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tlama_mini.checks.common import ExerciseFailed
-from tlama_mini.checks.lesson05 import check_gqa_attention, check_kv_cache_bytes, check_repeat_kv
+from tlama_mini.checks.lesson05 import (check_gqa_attention, check_kv_cache_bytes, check_llama3_kv_cache_gib,
+                                        check_repeat_kv)
 from tlama_mini.checks.common import expect_failure as fails_with
 
 
@@ -28,6 +29,10 @@ def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch, dtype_bytes):
     return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch * dtype_bytes
 
 
+def llama3_kv_cache_gib():
+    return tuple(kv_cache_bytes(32, K, 128, 8192, 16, 2) / 2**30 for K in (8, 32))
+
+
 def gqa_by_repeat(q, k, v, mask=None):  # another correct style: copy the kv heads, then plain attention
     n = q.shape[1] // k.shape[1]
     s = q @ k.repeat_interleave(n, 1).transpose(-2, -1) / math.sqrt(q.shape[-1])
@@ -42,7 +47,9 @@ def test_correct_solutions_pass(capsys):
         check_gqa_attention(gqa_attention)
         check_gqa_attention(gqa_by_repeat)
         check_kv_cache_bytes(kv_cache_bytes)
-    assert capsys.readouterr().out.count("✓") == 12
+        check_llama3_kv_cache_gib(llama3_kv_cache_gib)
+    check_llama3_kv_cache_gib(lambda: [16, torch.tensor(64.0)])  # rounded numbers, a list, a tensor
+    assert capsys.readouterr().out.count("✓") == 16
 
 
 
@@ -94,6 +101,16 @@ def test_gqa_attention_diagnoses_point_at_the_bug():
 
     fails_with(check_gqa_attention, swapped_groups, "used kv heads", "expected h // n_rep", HEAD_HINT)
     fails_with(check_gqa_attention, heads_on_dim_2, "crashed", HEAD_HINT)
+
+
+def test_llama3_kv_cache_gib_mistakes():
+    right = llama3_kv_cache_gib()
+    fails_with(check_llama3_kv_cache_gib, lambda: right[::-1], "swapped")
+    fails_with(check_llama3_kv_cache_gib, lambda: tuple(g * 2**30 / 1e9 for g in right), "GB (1e9 bytes)")
+    fails_with(check_llama3_kv_cache_gib, lambda: tuple(g * 2**30 for g in right), "bytes")
+    fails_with(check_llama3_kv_cache_gib, lambda: tuple(g / 16 for g in right), "one sequence")
+    fails_with(check_llama3_kv_cache_gib, lambda: (right[0], right[0]), "8 kv heads")
+    fails_with(check_llama3_kv_cache_gib, lambda: right[0], "expected a pair")
 
 
 def test_kv_cache_bytes_mistakes():

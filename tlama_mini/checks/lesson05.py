@@ -15,7 +15,7 @@ from ..attention import repeat_kv as ref_repeat_kv
 from ..masks import causal_mask
 from .common import attributes_stubs, call, check_tensor, compare, fail, passed
 
-__all__ = ["check_repeat_kv", "check_gqa_attention", "check_kv_cache_bytes"]
+__all__ = ["check_repeat_kv", "check_gqa_attention", "check_kv_cache_bytes", "check_llama3_kv_cache_gib"]
 
 
 def _tiled(kv: torch.Tensor, n_rep: int, dim: int) -> torch.Tensor:
@@ -147,3 +147,39 @@ def check_kv_cache_bytes(fn) -> None:
     fail(name, f"kv_cache_bytes{cases[i]} = {outs[i]:,}, expected {right[i]:,} = 2 * n_layers * n_kv_heads * "
                "head_dim * seq_len * batch * dtype_bytes")
 
+@attributes_stubs
+def check_llama3_kv_cache_gib(fn) -> None:
+    """fn() -> (gqa_gib, mha_gib): Llama 3 8B's KV cache (32 layers, head_dim 128) for 16 sequences of 8192
+    tokens in bf16, in GiB, with its 8 kv heads and with MHA's 32."""
+    name = "llama3_kv_cache_gib"
+    out = fn()
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        fail(name, f"returned {type(out).__name__}, expected a pair (gqa_gib, mha_gib)", "return gqa_gib, mha_gib")
+    got = [float(o) if isinstance(o, int | float | torch.Tensor) and not isinstance(o, bool) else None for o in out]
+    if None in got:
+        fail(name, f"returned {out!r}, expected two numbers (GiB)")
+
+    def gib(K: int = 8, nbytes: int = 2, batch: int = 16, unit: float = 2**30, kv: int = 2) -> float:
+        return kv * 32 * K * 128 * 8192 * batch * nbytes / unit
+
+    right = (gib(), gib(32))
+    if all(math.isclose(g, r, rel_tol=1e-3) for g, r in zip(got, right)):
+        passed(name, f"{right[0]:g} GiB with GQA, {right[1]:g} GiB with MHA: 8 kv heads instead of 32 save "
+               f"{right[1] - right[0]:g} GiB, 4x less, and the model's weights are 15 GiB in bf16")
+        return
+    mistakes = {
+        "the two sizes are swapped: return (with 8 kv heads, with 32)": (right[1], right[0]),
+        "both sizes use 8 kv heads: with MHA every one of the 32 query heads has its own kv head": (right[0],) * 2,
+        "both sizes use 32 kv heads: Llama 3 8B itself has 8": (right[1],) * 2,
+        "these are GB (1e9 bytes), not GiB (2**30 bytes)": (gib(unit=1e9), gib(32, unit=1e9)),
+        "these are bytes: divide by 2**30 for GiB": (gib(unit=1), gib(32, unit=1)),
+        "these are MiB (2**20 bytes): divide by 2**30 for GiB": (gib(unit=2**20), gib(32, unit=2**20)),
+        "that is one sequence: the batch has 16": (gib(batch=1), gib(32, batch=1)),
+        "that is float32 (4 bytes); bf16 has 2 bytes per number": (gib(nbytes=4), gib(32, nbytes=4)),
+        "the factor 2 is missing (a key and a value per position)": (gib(kv=1), gib(32, kv=1)),
+    }
+    for mistake, values in mistakes.items():
+        if all(math.isclose(g, w, rel_tol=1e-3) for g, w in zip(got, values)):
+            fail(name, f"returned ({got[0]:g}, {got[1]:g}): {mistake}")
+    fail(name, f"returned ({got[0]:g}, {got[1]:g}), expected ({right[0]:g}, {right[1]:g}) GiB",
+         "kv_cache_bytes(32, n_kv_heads, 128, 8192, 16, 2) / 2**30, with n_kv_heads = 8, then 32")
