@@ -87,6 +87,8 @@ def check_masked_softmax(fn) -> None:
         "-inf *before* the softmax)": lambda: torch.softmax(scores, -1) * mask,
         "the mask is ignored": lambda: torch.softmax(scores, -1),
         _INVERTED: lambda: torch.softmax(scores.masked_fill(mask, float("-inf")), -1),
+        "the softmax is over the wrong dimension: each row (one query's weights over the keys, the last dim) must "
+        "sum to 1, use dim=-1": lambda: torch.softmax(scores.masked_fill(~mask, float("-inf")), -2),
     }
     nan_hint = ("the fully masked row is exp(-inf)/sum(exp(-inf)) = 0/0 = NaN; set such rows to 0, e.g. "
                 "torch.where(mask.any(-1, keepdim=True), probs, 0.0) or probs.masked_fill(~mask, 0.0)")
