@@ -82,7 +82,9 @@ def test_get_pair_counts():
             i += 2 if ids[i] == ids[i + 1] else 1
         return counts
 
-    expect_failure(checks.check_get_pair_counts, skips_after_a_repeat, "overlapping")  # a known mistake or [7, 7, 7]
+    with pytest.raises(ExerciseFailed) as info:  # named as an overlap mistake, or shown on [7, 7, 7]; on rare
+        checks.check_get_pair_counts(skips_after_a_repeat)  # draws where all its counts are 1: "counted once"
+    assert "overlapping" in str(info.value) or "counted once" in str(info.value), str(info.value)
 
 
 def test_merge_pair():
