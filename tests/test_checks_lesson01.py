@@ -166,6 +166,17 @@ def test_bpe_encode():
     expect_failure(checks.check_bpe_encode, by_frequency, "by frequency", "by rank")
     expect_failure(checks.check_bpe_encode, most_frequent_first_seen, "by frequency")
 
+    def latest_first(text, merges):  # max instead of min: the latest merge first
+        ids = list(text.encode("utf-8"))
+        while True:
+            pairs = [p for p in zip(ids, ids[1:]) if p in merges]
+            if not pairs:
+                return ids
+            pair = max(pairs, key=merges.get)
+            ids = merge(ids, pair, merges[pair])
+
+    expect_failure(checks.check_bpe_encode, latest_first, "latest merge is applied first")
+
 
 def test_bpe_decode():
     def per_token(ids, merges):

@@ -62,6 +62,9 @@ def test_embed_lookup_onehot():
     expect_failure(checks.check_embed_lookup_onehot, lambda ids, t: F.one_hot(ids).to(t.dtype) @ t, "num_classes")
     expect_failure(checks.check_embed_lookup_onehot, lambda ids, t: F.one_hot(ids, t.shape[0]) @ t, "int64")
     expect_failure(checks.check_embed_lookup_onehot, lambda ids, t: F.one_hot(ids, t.shape[0]).float(), "wrong shape")
+    with pytest.raises(ExerciseFailed) as info:  # num_classes = C: one_hot refuses ids >= C, or the shape is wrong
+        checks.check_embed_lookup_onehot(lambda ids, t: F.one_hot(ids, t.shape[1]).to(t.dtype) @ t.T)
+    assert "table.shape[0]" in str(info.value) or "wrong shape" in str(info.value), str(info.value)
 
 
 def _pe(n_pos, dim, *, swap=False, concat=False, per_column=False, start=0):

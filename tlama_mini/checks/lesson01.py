@@ -287,15 +287,17 @@ def check_bpe_encode(fn) -> None:
     # First a text whose most frequent pair, (b, c), was learned after (a, b): merges learned from similar text
     # rank pairs much as the text's own frequencies do, so on random text a frequency-ordered encoder often
     # agrees with the ranks, or shows up as another mistake.
-    abc, abc_text = {(97, 98): 256, (98, 99): 257, (99, 100): 258}, "abcd bc bc bc"
-    _check_encoding(name, fn(abc_text, dict(abc)), BPETokenizer(list(abc), pattern=None).encode_ordinary(abc_text),
-                    abc_text, abc)  # [256, 258, 32, 257, 32, 257, 32, 257]
+    # Then one in which the latest merge, (b, c), would block the earliest, (a, b): both can apply to "abc".
+    for crafted, crafted_text in (({(97, 98): 256, (98, 99): 257, (99, 100): 258}, "abcd bc bc bc"),
+                                  ({(97, 98): 256, (99, 100): 257, (98, 99): 258}, "abc cd cd")):
+        _check_encoding(name, fn(crafted_text, dict(crafted)),
+                        BPETokenizer(list(crafted), pattern=None).encode_ordinary(crafted_text), crafted_text, crafted)
     merges = _train(_random_text(120), _rand(20, 40))
     text = _random_text(_rand(15, 25))
     out = fn(text, merges)
     _check_encoding(name, out, BPETokenizer(list(merges), pattern=None).encode_ordinary(text), text, merges)
-    passed(name, f"{len(text)} chars -> {len(out)} tokens with {len(merges)} merges, and a text whose most "
-           "frequent pair was learned after a rarer one")
+    passed(name, f"{len(text)} chars -> {len(out)} tokens with {len(merges)} merges, and two texts where the "
+           "frequency or the latest merge would choose differently")
 
 
 @attributes_stubs

@@ -44,7 +44,11 @@ def check_embed_lookup_onehot(fn) -> None:
             fail(name, f"the matmul failed: {msg}",
                  "the one-hot needs V columns: F.one_hot(ids) alone makes only max(ids) + 1, so pass "
                  "num_classes=table.shape[0]; then multiply by the table (V, C) as it is, not transposed")
-        raise
+        if "num_classes" in msg:
+            fail(name, f"F.one_hot failed: {msg}", f"num_classes is the vocabulary size V = table.shape[0] = {V} "
+                 f"(the table's rows), not table.shape[1] = {C} (its width)")
+        fail(name, f"crashed with RuntimeError: {msg}", "F.one_hot(ids, num_classes=table.shape[0]).to(table.dtype) "
+             "@ table")
     expected = F.embedding(ids, table)  # (B, T, C): the lookup table[ids]
     diff = check_tensor(name, out, expected, hint="one-hot rows (B, T, V) times the table (V, C) give (B, T, C)")
     passed(name, f"max abs diff {diff:.1e}, ids {tuple(ids.shape)}, table ({V}, {C})")
