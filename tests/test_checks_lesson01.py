@@ -75,6 +75,17 @@ def test_get_pair_counts():
     expect_failure(checks.check_get_pair_counts, lambda ids: list(zip(ids, ids[1:])), "expected a dict")
     expect_failure(checks.check_get_pair_counts, lambda ids: Counter(ids), "not a pair")
 
+    def skips_after_a_repeat(ids):  # steps over the next position after a pair (x, x), like merge_pair does
+        counts, i = {}, 0
+        while i < len(ids) - 1:
+            counts[ids[i], ids[i + 1]] = counts.get((ids[i], ids[i + 1]), 0) + 1
+            i += 2 if ids[i] == ids[i + 1] else 1
+        return counts
+
+    with pytest.raises(ExerciseFailed) as info:  # named as an overlap mistake, or shown on [7, 7, 7]; on rare
+        checks.check_get_pair_counts(skips_after_a_repeat)  # draws where all its counts are 1: "counted once"
+    assert "overlapping" in str(info.value) or "counted once" in str(info.value), str(info.value)
+
 
 def test_merge_pair():
     def no_skip(ids, pair, new_id):
@@ -111,11 +122,11 @@ def test_train_bpe():
             ids = merge(ids, pair, 256 + k)
         return merges
 
-    def from_chars(text, n_merges):
+    def from_chars(text, n_merges):  # code points: right on ASCII text, and é (233) even passes as a byte
         ids, merges = [ord(c) for c in text], {}
         for k in range(n_merges):
             counts = pair_counts(ids)
-            pair = max(counts, key=lambda p: (counts[p], max(p)))  # prefer pairs with big code points on ties
+            pair = max(counts, key=counts.get)
             merges[pair] = 256 + k
             ids = merge(ids, pair, 256 + k)
         return merges
@@ -125,6 +136,7 @@ def test_train_bpe():
     expect_failure(checks.check_train_bpe, least_frequent, "most frequent")
     expect_failure(checks.check_train_bpe, lambda t, n: {p: i - 1 for p, i in train(t, n).items()}, "256 + k")
     expect_failure(checks.check_train_bpe, lambda t, n: list(train(t, n)), "return a dict")
+    expect_failure(checks.check_train_bpe, from_chars, "code point of 'ω'", "UTF-8 bytes")
 
 
 def test_bpe_encode():
@@ -141,15 +153,29 @@ def test_bpe_encode():
     expect_failure(checks.check_bpe_encode, lambda t, m: t.encode("utf-8"), "returned bytes")
     expect_failure(checks.check_bpe_encode, lambda t, m: list(t.encode("utf-8")), "no merge")
     expect_failure(checks.check_bpe_encode, lambda t, m: [vocab_of(m)[i] for i in encode(t, m)], "not token ids")
-    # Frequency order differs from rank order on most random texts, not all: try a few fresh draws.
-    for _ in range(20):
-        try:
-            checks.check_bpe_encode(by_frequency)
-        except ExerciseFailed as err:
-            assert "by frequency" in str(err), str(err)
-            break
-    else:
-        pytest.fail("encoding by frequency was never caught")
+    def most_frequent_first_seen(text, merges):  # by frequency, ties to the pair seen first
+        ids = list(text.encode("utf-8"))
+        while True:
+            counts = Counter(p for p in zip(ids, ids[1:]) if p in merges)
+            if not counts:
+                return ids
+            pair = counts.most_common(1)[0][0]
+            ids = merge(ids, pair, merges[pair])
+
+    # on random text, frequency order often equals rank order; the check's second text tells them apart
+    expect_failure(checks.check_bpe_encode, by_frequency, "by frequency", "by rank")
+    expect_failure(checks.check_bpe_encode, most_frequent_first_seen, "by frequency")
+
+    def latest_first(text, merges):  # max instead of min: the latest merge first
+        ids = list(text.encode("utf-8"))
+        while True:
+            pairs = [p for p in zip(ids, ids[1:]) if p in merges]
+            if not pairs:
+                return ids
+            pair = max(pairs, key=merges.get)
+            ids = merge(ids, pair, merges[pair])
+
+    expect_failure(checks.check_bpe_encode, latest_first, "latest merge is applied first")
 
 
 def test_bpe_decode():
@@ -165,3 +191,16 @@ def test_bpe_decode():
     expect_failure(checks.check_bpe_decode, lambda ids, m: decode(ids, m).encode("utf-8"), "returned bytes")
     expect_failure(checks.check_bpe_decode, per_token, "join")
     expect_failure(checks.check_bpe_decode, strict, "errors='replace'")
+
+    def zero_bytes(ids, merges):  # bytes(i) is i zero bytes, not the byte i
+        vocab = {i: bytes(i) for i in range(256)}
+        for (a, b), new_id in merges.items():
+            vocab[new_id] = vocab[a] + vocab[b]
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    with pytest.raises(ExerciseFailed) as info:
+        checks.check_bpe_decode(zero_bytes)
+    assert "bytes([i])" in str(info.value) and len(str(info.value)) < 300, str(info.value)[:1000]
+    with pytest.raises(ExerciseFailed) as info:  # any wrong text is shown shortened, not thousands of characters
+        checks.check_bpe_decode(lambda ids, m: decode(ids, m) * 200)
+    assert "characters)" in str(info.value) and len(str(info.value)) < 600, str(info.value)[:1000]

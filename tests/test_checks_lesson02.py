@@ -62,6 +62,9 @@ def test_embed_lookup_onehot():
     expect_failure(checks.check_embed_lookup_onehot, lambda ids, t: F.one_hot(ids).to(t.dtype) @ t, "num_classes")
     expect_failure(checks.check_embed_lookup_onehot, lambda ids, t: F.one_hot(ids, t.shape[0]) @ t, "int64")
     expect_failure(checks.check_embed_lookup_onehot, lambda ids, t: F.one_hot(ids, t.shape[0]).float(), "wrong shape")
+    with pytest.raises(ExerciseFailed) as info:  # num_classes = C: one_hot refuses ids >= C, or the shape is wrong
+        checks.check_embed_lookup_onehot(lambda ids, t: F.one_hot(ids, t.shape[1]).to(t.dtype) @ t.T)
+    assert "table.shape[0]" in str(info.value) or "wrong shape" in str(info.value), str(info.value)
 
 
 def _pe(n_pos, dim, *, swap=False, concat=False, per_column=False, start=0):
@@ -82,6 +85,7 @@ def test_sinusoidal_positions():
     expect_failure(checks.check_sinusoidal_positions, lambda n, d: _pe(n, d, per_column=True), "its own exponent")
     expect_failure(checks.check_sinusoidal_positions, lambda n, d: _pe(n, d, start=1), "start at 1")
     expect_failure(checks.check_sinusoidal_positions, lambda n, d: _pe(n, d).T, "wrong shape")
+    expect_failure(checks.check_sinusoidal_positions, lambda n, d: _pe(n, d).double(), "float64", "float32")
 
 
 def test_add_positions():
@@ -101,8 +105,27 @@ def test_add_positions():
     expect_failure(checks.check_add_positions, lambda x, t, s=0: torch.cat([x, t[s:s + x.shape[1]].expand_as(x)], -1),
                    "wrong shape")
 
+    def rejects_an_exact_fit(x, table, start_pos=0):  # >= instead of >: the last row of the table is never used
+        if start_pos + x.shape[1] >= table.shape[0]:
+            raise ValueError("too long")
+        return x + table[start_pos:start_pos + x.shape[1]]
+
+    expect_failure(checks.check_add_positions, rejects_an_exact_fit, "fits exactly", "not >=")
+
 
 def test_position_shift_matrix():
     checks.check_position_shift_matrix(position_shift_matrix)
     expect_failure(checks.check_position_shift_matrix, lambda k, d: position_shift_matrix(k, d).T, "transposed")
     expect_failure(checks.check_position_shift_matrix, lambda k, d: position_shift_matrix(k + 1, d), "differ")
+
+    def shift(k, dim, *, exponent=2, dtype=torch.float32):  # written from the angle-addition formulas
+        blocks = []
+        for i in range(dim // 2):
+            b = k * 10000.0 ** (-exponent * i / dim)
+            blocks.append(torch.tensor([[math.cos(b), math.sin(b)], [-math.sin(b), math.cos(b)]], dtype=torch.float64))
+        return torch.block_diag(*blocks).to(dtype)
+
+    checks.check_position_shift_matrix(shift)
+    expect_failure(checks.check_position_shift_matrix, lambda k, d: shift(k, d, exponent=1), "i/dim instead of 2i/dim")
+    expect_failure(checks.check_position_shift_matrix, lambda k, d: shift(k, d, exponent=-2), "minus sign")
+    expect_failure(checks.check_position_shift_matrix, lambda k, d: shift(k, d, dtype=torch.float64), "float32")

@@ -20,7 +20,7 @@ def rope_frequencies(dim, theta=10000.0):
 def rotate(x, freqs_cis):  # x (B, T, H, D), adjacent pairs
     cos, sin = freqs_cis.real[None, :, None, :], freqs_cis.imag[None, :, None, :]
     x0, x1 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)  # bf16 in, bf16 out
 
 
 def apply_rope(xq, xk, freqs_cis):
@@ -80,6 +80,34 @@ def test_rope_mistakes():
     fails_with(check_apply_rope, lambda q, k, f: rotate(q, f), "expected a pair")
 
 
+def test_rope_mistakes_found_by_the_probe():
+    def wrong_axis(q, k, f):  # freqs_cis lined up with the heads instead of the positions
+        fc = f[None, None]  # (1, 1, T, D/2)
+        turn = lambda x: torch.view_as_real(torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * fc)  # noqa: E731
+        return turn(q).flatten(-2), turn(k).flatten(-2)
+
+    def float32_out(q, k, f):  # right values, but bf16 inputs come back as float32
+        fc = f[None, :, None, :]
+        turn = lambda x: torch.view_as_real(torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * fc)  # noqa: E731
+        return turn(q).flatten(-2), turn(k).flatten(-2)
+
+    def cos_only(x, f):
+        return x * f.real[None, :, None, :].repeat_interleave(2, -1)
+
+    def sin_sign(x, f):  # x'_2i = x_2i cos + x_2i+1 sin, x'_2i+1 = x_2i sin + x_2i+1 cos: not a rotation
+        cos, sin = f.real[None, :, None, :], f.imag[None, :, None, :]
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x0 * cos + x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+    fails_with(check_apply_rope, wrong_axis, "crashed", "(1, T, 1, D/2)")
+    fails_with(check_apply_rope, float32_out, "bfloat16", "float32", "type_as")
+    fails_with(check_apply_rope, lambda q, k, f: (rotate(q, f), cos_only(k, f)), "(keys)", "sin terms are missing")
+    message = fails_with(check_apply_rope, lambda q, k, f: (sin_sign(q, f), k), "values differ", "keep its length")
+    assert "angle of pair i" not in message
+    message = fails_with(check_apply_rope, lambda q, k, f: (rotate(q, f * f), k), "values differ", "angle of pair i")
+    assert "keep its length" not in message
+
+
 def test_relative_score_mistakes():
     fails_with(check_relative_score, lambda q, k, m, n, t=1e4: q @ k, "does not depend on the positions")
     fails_with(check_relative_score, lambda q, k, m, n, t=1e4: relative_score(q, k, n, m, t), "swapped")
@@ -96,6 +124,22 @@ def test_scaling_mistakes():
         return torch.where(wl < orig / hi, f, f / factor)
 
     fails_with(check_scale_rope_frequencies, no_interp, "not interpolated")
+
+    def rule(f, factor, lo, hi, orig, *, swap_weights=False, multiply=False):
+        wl = 2 * math.pi / f
+        scaled = f * factor if multiply else f / factor
+        s = (orig / wl - lo) / (hi - lo)
+        mid = s * scaled + (1 - s) * f if swap_weights else (1 - s) * scaled + s * f
+        return torch.where(wl > orig / lo, scaled, torch.where(wl < orig / hi, f, mid))
+
+    fails_with(check_scale_rope_frequencies, lambda *a: rule(*a, swap_weights=True), "interpolation weights are swapped",
+               "in-between")
+    fails_with(check_scale_rope_frequencies, lambda *a: rule(*a, multiply=True), "multiplied by factor")
+    def slow_off(f, factor, lo, hi, orig):  # only the slow pairs are wrong (by 1%)
+        return torch.where(2 * math.pi / f > orig / lo, 1.01 * rule(f, factor, lo, hi, orig), rule(f, factor, lo, hi, orig))
+
+    message = fails_with(check_scale_rope_frequencies, slow_off, "values differ", "the wrong pairs are the slow")
+    assert "fast" not in message
 
 
 def test_scaling_reference_is_llama31():

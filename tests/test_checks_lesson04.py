@@ -89,6 +89,12 @@ def test_masked_softmax_mistakes():
     # the mask may be (T, S) for (B, T, S) scores, as exercise 3 uses it
     fails_with(check_masked_softmax, lambda s, m: masked_softmax(s, m.reshape(s.shape)), "(T, S) mask", "broadcast")
 
+    def over_queries(scores, mask):  # the NaN-safe recipe, but the softmax over dim -2
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-2)
+        return probs.nan_to_num(0.0)
+
+    fails_with(check_masked_softmax, over_queries, "wrong dimension", "dim=-1")
+
 
 def test_sdpa_mistakes():
     fails_with(check_scaled_dot_product_attention,

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tlama_mini.checks.common import ExerciseFailed
-from tlama_mini.checks.lesson05 import check_gqa_attention, check_kv_cache_bytes, check_repeat_kv
+from tlama_mini.checks.lesson05 import (check_gqa_attention, check_kv_cache_bytes, check_llama3_kv_cache_gib,
+                                        check_repeat_kv)
 from tlama_mini.checks.common import expect_failure as fails_with
 
 
@@ -28,12 +29,27 @@ def kv_cache_bytes(n_layers, n_kv_heads, head_dim, seq_len, batch, dtype_bytes):
     return 2 * n_layers * n_kv_heads * head_dim * seq_len * batch * dtype_bytes
 
 
+def llama3_kv_cache_gib():
+    return tuple(kv_cache_bytes(32, K, 128, 8192, 16, 2) / 2**30 for K in (8, 32))
+
+
+def gqa_by_repeat(q, k, v, mask=None):  # another correct style: copy the kv heads, then plain attention
+    n = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(n, 1).transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, -1) @ v.repeat_interleave(n, 1)
+
+
 def test_correct_solutions_pass(capsys):
     for _ in range(3):
         check_repeat_kv(repeat_kv)
         check_gqa_attention(gqa_attention)
+        check_gqa_attention(gqa_by_repeat)
         check_kv_cache_bytes(kv_cache_bytes)
-    assert capsys.readouterr().out.count("✓") == 9
+        check_llama3_kv_cache_gib(llama3_kv_cache_gib)
+    check_llama3_kv_cache_gib(lambda: [16, torch.tensor(64.0)])  # rounded numbers, a list, a tensor
+    assert capsys.readouterr().out.count("✓") == 16
 
 
 
@@ -52,6 +68,49 @@ def test_gqa_attention_mistakes():
     fails_with(check_gqa_attention, lambda q, k, v, mask=None: gqa_attention(q * math.sqrt(q.shape[-1]), k, v, mask),
                "sqrt(head_dim)")
     fails_with(check_gqa_attention, lambda q, k, v, mask=None: gqa_attention(q, k, v, None), "mask is ignored")
+
+
+HEAD_HINT = "the heads are dim 1"
+
+
+def test_gqa_attention_diagnoses_point_at_the_bug():
+    """Each mistake gets its own diagnosis; the hint about the head layout appears only when the heads are wrong."""
+    def inverted(q, k, v, mask=None):
+        return gqa_attention(q, k, v, ~mask)  # NaN in the last query row: it may see no key
+
+    def inverted_nan_safe(q, k, v, mask=None):
+        return gqa_attention(q, k, v, ~mask).nan_to_num(0.0)
+
+    def scale_d(q, k, v, mask=None):  # divides the scores by D instead of sqrt(D)
+        return gqa_attention(q / math.sqrt(q.shape[-1]), k, v, mask)
+
+    for wrong in (inverted, inverted_nan_safe):
+        assert HEAD_HINT not in fails_with(check_gqa_attention, wrong, "mask is inverted", "~mask")
+    assert HEAD_HINT not in fails_with(check_gqa_attention, scale_d, "head_dim instead of sqrt(head_dim)")
+    assert HEAD_HINT not in fails_with(check_gqa_attention, lambda *a: gqa_attention(*a) * 1.1, "values differ",
+                                       "before the softmax")
+
+    def swapped_groups(q, k, v, mask=None):  # query heads attend with the other group's kv head
+        return gqa_attention(q, k.flip(1), v.flip(1), mask)
+
+    def heads_on_dim_2(q, k, v, mask=None):  # repeat_kv (heads on dim 2) applied to (B, K, S, D)
+        n = q.shape[1] // k.shape[1]
+        k, v = repeat_kv(k, n), repeat_kv(v, n)  # (B, K, S * n, D): the positions were repeated
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        return torch.softmax(s, -1) @ v
+
+    fails_with(check_gqa_attention, swapped_groups, "used kv heads", "expected h // n_rep", HEAD_HINT)
+    fails_with(check_gqa_attention, heads_on_dim_2, "crashed", HEAD_HINT)
+
+
+def test_llama3_kv_cache_gib_mistakes():
+    right = llama3_kv_cache_gib()
+    fails_with(check_llama3_kv_cache_gib, lambda: right[::-1], "swapped")
+    fails_with(check_llama3_kv_cache_gib, lambda: tuple(g * 2**30 / 1e9 for g in right), "GB (1e9 bytes)")
+    fails_with(check_llama3_kv_cache_gib, lambda: tuple(g * 2**30 for g in right), "bytes")
+    fails_with(check_llama3_kv_cache_gib, lambda: tuple(g / 16 for g in right), "one sequence")
+    fails_with(check_llama3_kv_cache_gib, lambda: (right[0], right[0]), "8 kv heads")
+    fails_with(check_llama3_kv_cache_gib, lambda: right[0], "expected a pair")
 
 
 def test_kv_cache_bytes_mistakes():

@@ -55,6 +55,8 @@ def test_rms_norm_mistakes():
                "standard deviation")
     fails_with(check_rms_norm, lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(2, keepdim=True) + eps) * w,
                "2-D input", "dim=-1")  # right on (B, T, C), crashes on (N, C): the check says why
+    fails_with(check_rms_norm, lambda x, w, eps: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps) * w,
+               "L2 norm", "*mean*")
 
 
 def test_swiglu_mistakes():
@@ -62,6 +64,7 @@ def test_swiglu_mistakes():
     fails_with(check_swiglu, lambda x, w1, w2, w3: (F.gelu(x @ w1.T) * (x @ w3.T)) @ w2.T, "GELU")
     fails_with(check_swiglu, lambda x, w1, w2, w3: (F.relu(x @ w1.T) * (x @ w3.T)) @ w2.T, "ReLU")
     fails_with(check_swiglu, lambda x, w1, w2, w3: (F.silu(x @ w1) * (x @ w3)) @ w2, "nn.Linear layout")
+    fails_with(check_swiglu, lambda x, w1, w2, w3: F.silu((x @ w1.T) * (x @ w3.T)) @ w2.T, "after the product")
 
 
 def test_block_forward_mistakes():
@@ -77,6 +80,12 @@ def test_block_forward_mistakes():
     fails_with(check_block_forward, lambda x, attn, ffn, n1, n2: x + attn(n1(x)) + ffn(n2(x)), "parallel block")
     fails_with(check_block_forward, lambda x, attn, ffn, n1, n2: block_forward(x, attn, ffn, n2, n1), "swapped")
 
+    def second_residual_from_x(x, attn, ffn, n1, n2):
+        h = x + attn(n1(x))
+        return x + ffn(n2(h))
+
+    fails_with(check_block_forward, second_residual_from_x, "adds x instead of h")
+
 
 def test_ffn_hidden_size_mistakes():
     fails_with(check_ffn_hidden_size, lambda h, m, mult: m * math.ceil(int((mult or 1) * h) / m), "2/3")
@@ -86,3 +95,12 @@ def test_ffn_hidden_size_mistakes():
     fails_with(check_ffn_hidden_size,
                lambda h, m, mult: m * math.ceil((mult or 1) * (2 * h / 3) / m), "truncated to int")
     fails_with(check_ffn_hidden_size, lambda h, m, mult: float(ffn_hidden_size(h, m, mult)), "return an int")
+
+    def next_multiple(hidden_dim, multiple_of, mult):  # (h // m + 1) * m: one multiple too many when h is one
+        h = int(2 * hidden_dim / 3)
+        if mult is not None:
+            h = int(mult * h)
+        return (h // multiple_of + 1) * multiple_of
+
+    fails_with(check_ffn_hidden_size, next_multiple, "*next* multiple", "math.ceil")
+    check_ffn_hidden_size(lambda h, m, mult: -(-int((mult or 1) * int(2 * h / 3)) // m) * m)  # ceil by floor division

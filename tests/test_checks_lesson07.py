@@ -45,6 +45,12 @@ def test_router_topk_mistakes():
     fails_with(check_router_topk, lambda l, k: router_topk(-l, k), "lowest")
     fails_with(check_router_topk, lambda l, k: tuple(t.flip(-1) for t in router_topk(l, k)), "wrong order")
 
+    def second_softmax(logits, k):  # renormalises the kept probabilities with another softmax
+        top, idx = torch.softmax(logits, -1).topk(k, -1)
+        return torch.softmax(top, -1), idx
+
+    fails_with(check_router_topk, second_softmax, "second softmax", "divide them by their sum")
+
 
 def test_load_balancing_loss_mistakes():
     fails_with(check_load_balancing_loss, lambda p, e: load_balancing_loss(p, e) / p.shape[-1], "factor E")
@@ -86,3 +92,25 @@ def test_moe_forward_mistakes():
 
     fails_with(check_moe_forward, not_renormalised, "not renormalised")
     fails_with(check_moe_forward, lambda x, gate, experts, k: moe_forward(x, gate, experts, 1), "top-1")
+
+
+def test_a_stub_called_by_moe_forward_is_named():
+    """moe_forward is right but calls a router_topk that is still the stub: the check says router_topk is the
+    unfinished one (another exercise), not that moe_forward is not implemented."""
+    def router_topk(logits, k):  # the untouched exercise 1
+        raise NotImplementedError
+
+    def moe_forward(x, gate, experts, k):  # a finished exercise 3 that reuses exercise 1, as invited
+        weights, idx = router_topk(gate(x), k)
+        return torch.zeros_like(x)
+
+    with pytest.raises(NotImplementedError, match=r"calls router_topk\(\), another exercise of this lesson, "
+                                                  r"which is not implemented yet"):
+        check_moe_forward(moe_forward)
+
+    def stub(x, gate, experts, k):  # its own stub is still reported as plainly not implemented
+        raise NotImplementedError
+
+    with pytest.raises(NotImplementedError) as info:
+        check_moe_forward(stub)
+    assert str(info.value) == ""

@@ -24,11 +24,12 @@ def online_softmax_update(m, l, acc, scores, v, *, rescale_acc=True, nan_safe=Tr
     return m_new, alpha * l + p.sum(-1), acc
 
 
-def tiled_attention_forward(q, k, v, block, *, reset_per_tile=False, return_m=False, skip_partial=False):
+def tiled_attention_forward(q, k, v, block, *, reset_per_tile=False, return_m=False, skip_partial=False,
+                            skip_partial_q=False):
     B, H, T, D = q.shape
     S = k.shape[2]
-    out, lse = torch.empty_like(q), torch.empty(B, H, T)
-    for i in range(0, T, block):
+    out, lse = torch.zeros_like(q), torch.zeros(B, H, T)
+    for i in range(0, (T // block * block) if skip_partial_q else T, block):
         qi = q[..., i:i + block, :] / math.sqrt(D)
         m = torch.full(qi.shape[:-1], NEG_INF)
         l, acc = torch.zeros_like(m), torch.zeros_like(qi)
@@ -59,6 +60,14 @@ def attention_backward(q, k, v, out, lse, dout, *, dsum=True, scale_grads=True):
     ds = p * (dp - (dout * out).sum(-1, keepdim=True)) if dsum else p * dp
     c = scale if scale_grads else 1.0
     return ds @ k * c, ds.transpose(-2, -1) @ q * c, dv
+
+
+def _unscaled(q, k, v, out, lse, dout):  # attention_backward with P recomputed from q k^T (no 1/sqrt(D))
+    scale = 1 / math.sqrt(q.shape[-1])
+    p = torch.exp(q @ k.transpose(-2, -1) - lse[..., None])
+    dp = dout @ v.transpose(-2, -1)
+    ds = p * (dp - (dout * out).sum(-1, keepdim=True))
+    return ds @ k * scale, ds.transpose(-2, -1) @ q * scale, p.transpose(-2, -1) @ dout
 
 
 def blockwise_ce(logits, targets, chunk_size):
@@ -108,11 +117,26 @@ def test_tiled_attention_forward_mistakes():
     fails_with(check_tiled_attention_forward,
                lambda q, k, v, b: tiled_attention_forward(q * math.sqrt(q.shape[-1]), k, v, b), "1/sqrt(D)")
     fails_with(check_tiled_attention_forward, untiled_forward, "full (T, S)")
+    fails_with(check_tiled_attention_forward, lambda *a: tiled_attention_forward(*a, skip_partial_q=True),
+               "partial query tile", "never computed")
+    fails_with(check_tiled_attention_forward,
+               lambda *a: tiled_attention_forward(*a, skip_partial_q=True, skip_partial=True),
+               "partial query tile", "partial key tile is skipped too")
+
+    def garbage_rows(q, k, v, block):  # the partial query tile left as torch.empty garbage (here: ones)
+        out, lse = tiled_attention_forward(q, k, v, block, skip_partial_q=True)
+        full = q.shape[2] // block * block
+        out[..., full:, :] = 1.0
+        return out, lse
+
+    fails_with(check_tiled_attention_forward, garbage_rows, "values differ", "only the rows of the last, partial "
+               "query tile")
 
 
 def test_attention_probs_from_lse_mistakes():
     fails_with(check_attention_probs_from_lse, lambda s, lse: torch.exp(s - s.amax(-1, keepdim=True)), "row max")
     fails_with(check_attention_probs_from_lse, lambda s, lse: torch.exp(s - lse[..., None, :]), "wrong dimension")
+    fails_with(check_attention_probs_from_lse, lambda s, lse: torch.exp(s - lse), "crashed", "lse[..., None]")
 
 
 def test_attention_backward_mistakes():
@@ -124,6 +148,8 @@ def test_attention_backward_mistakes():
         return attention_backward(q, k, v, out, s.amax(-1), dout)
 
     fails_with(check_attention_backward, with_max, "row max instead of lse")
+
+    fails_with(check_attention_backward, _unscaled, "unscaled scores", "*scaled*")
 
 
 def test_blockwise_cross_entropy_mistakes():
@@ -138,3 +164,20 @@ def test_blockwise_cross_entropy_mistakes():
     fails_with(check_blockwise_cross_entropy, lambda lg, t, c: blockwise_ce(lg, t, lg.shape[0]),  # one chunk
                "as large as all N x V")
     fails_with(check_blockwise_cross_entropy, lambda lg, t, c: blockwise_ce(lg, t, c).detach(), "no gradient")
+
+    def first_targets(logits, targets, chunk):  # targets[:len(chunk)] for every chunk
+        total = logits.new_zeros(())
+        for i in range(0, logits.shape[0], chunk):
+            c = logits[i:i + chunk]
+            total = total + (torch.logsumexp(c, -1) - c.gather(1, targets[:len(c), None]).squeeze(1)).sum()
+        return total / logits.shape[0]
+
+    def row_max(logits, targets, chunk):
+        total = logits.new_zeros(())
+        for i in range(0, logits.shape[0], chunk):
+            c, t = logits[i:i + chunk], targets[i:i + chunk]
+            total = total + (c.amax(-1) - c.gather(1, t[:, None]).squeeze(1)).sum()
+        return total / logits.shape[0]
+
+    fails_with(check_blockwise_cross_entropy, first_targets, "targets[i:i + chunk_size]")
+    fails_with(check_blockwise_cross_entropy, row_max, "row max", "log-sum-exp")

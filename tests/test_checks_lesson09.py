@@ -58,6 +58,23 @@ def test_correct_solutions_pass(capsys):
     assert capsys.readouterr().out.count("✓") == 12
 
 
+def test_filters_that_work_on_a_copy_pass(capsys):
+    def top_k_on_a_copy(logits, k):  # in-place operations on its own copy are fine
+        out = logits.clone()
+        out[out < out.topk(k, dim=-1).values[:, -1:]] = NEG_INF
+        return out
+
+    def top_p_vectorised(logits, p):
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        drop = torch.cumsum(probs, -1) - probs >= p
+        return logits.clone().masked_fill_(torch.zeros_like(drop).scatter(-1, order, drop), NEG_INF)
+
+    check_top_k_filter(top_k_on_a_copy)
+    check_top_p_filter(top_p_vectorised)
+    assert capsys.readouterr().out.count("✓") == 2
+
+
 
 
 def test_cache_update_mistakes():
@@ -84,6 +101,13 @@ def test_cache_update_mistakes():
     fails_with(check_cache_update, lambda ck, cv, xk, xv, s: (xk, xv), "only the new positions")
     fails_with(check_cache_update, not_in_place, "in place")
 
+    def one_new_token(ck, cv, xk, xv, start_pos):  # writes all T, but returns as if T were 1
+        cache_update(ck, cv, xk, xv, start_pos)
+        B = xk.shape[0]
+        return ck[:B, :start_pos + 1], cv[:B, :start_pos + 1]
+
+    fails_with(check_cache_update, one_new_token, "start_pos + 1", "T = xk.shape[1]", "not 1")
+
 
 def test_top_k_filter_mistakes():
     def k_plus_one(logits, k):
@@ -97,6 +121,17 @@ def test_top_k_filter_mistakes():
     fails_with(check_top_k_filter, lambda logits, k: top_k_filter(logits, k - 1), "k - 1")
     fails_with(check_top_k_filter, zero_fill, "instead of -inf")
     fails_with(check_top_k_filter, lambda logits, k: logits.topk(k, dim=-1).values, "only the top-k")
+
+    def in_place(logits, k):  # right values, but written into the caller's tensor
+        kth = logits.topk(k, dim=-1).values[:, -1:]
+        return logits.masked_fill_(logits < kth, NEG_INF)
+
+    def assigns(logits, k):
+        logits[logits < logits.topk(k, dim=-1).values[:, -1:]] = NEG_INF
+        return logits
+
+    fails_with(check_top_k_filter, in_place, "`logits` was modified in place", "new tensor", "masked_fill")
+    fails_with(check_top_k_filter, assigns, "modified in place")
 
 
 def test_top_p_filter_mistakes():
@@ -117,6 +152,28 @@ def test_top_p_filter_mistakes():
     fails_with(check_top_p_filter, drops_crossing, "crosses p")
     fails_with(check_top_p_filter, unsorted, "vocabulary order")
     fails_with(check_top_p_filter, keeps_none_if_confident, "no token is kept")
+
+    def in_place(logits, p):
+        out = top_p_filter(logits, p)
+        logits.copy_(out)  # e.g. logits[drop] = -inf on the caller's tensor
+        return logits
+
+    def not_scattered_back(logits, p):  # the decision in sorted order, applied to the unsorted logits
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        drop_sorted = torch.cumsum(probs, -1) - probs >= p
+        return logits.masked_fill(drop_sorted, NEG_INF)
+
+    def sorted_returned(logits, p):  # the filtered *sorted* logits
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        return srt.masked_fill(torch.cumsum(probs, -1) - probs >= p, NEG_INF)
+
+    fails_with(check_top_p_filter, in_place, "`logits` was modified in place", "new tensor")
+    for wrong in (not_scattered_back, sorted_returned):
+        message = fails_with(check_top_p_filter, wrong, "keeps tokens", "first ones of the vocabulary",
+                             "vocabulary order", "scatter")
+        assert "3.4e+38" not in message
 
 
 def test_sample_loop_mistakes():

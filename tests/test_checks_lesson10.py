@@ -121,7 +121,26 @@ def test_lr_at_mistakes():
     fails_with(check_lr_at, divides_by_zero, "division by zero", "warmup_steps=0")
     fails_with(check_lr_at, unclamped_formula, "after max_steps")
     fails_with(check_lr_at, raw_cosine, "0.5 * (1 + cos")
-    fails_with(check_lr_at, lambda *a: lr_at(*a) * 1.01, "at step 0 (warmup)")
+    fails_with(check_lr_at, lambda *a: lr_at(*a) * 1.01, "(warmup)", "the largest difference", "steps differ, the "
+               "first is step 0")
+
+    def no_floor_in_decay(step, max_lr, min_lr, warmup_steps, max_steps):  # min_lr only after max_steps
+        if step < warmup_steps:
+            return max_lr * (step + 1) / warmup_steps
+        if step >= max_steps:
+            return min_lr
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (max_steps - warmup_steps))) * max_lr
+
+    def floor_not_subtracted(step, max_lr, min_lr, warmup_steps, max_steps):
+        return lr_at(step, max_lr, min_lr, warmup_steps, max_steps) + (
+            0 if step < warmup_steps or step >= max_steps else min_lr * 0.5 * (1 + math.cos(
+                math.pi * (step - warmup_steps) / (max_steps - warmup_steps))))
+
+    message = fails_with(check_lr_at, no_floor_in_decay, "(cosine decay)", "min_lr is missing", "about 0")
+    step = int(message.split("at step ")[1].split(" ")[0])
+    max_steps = int(message.split("max_steps=")[1].split(")")[0])
+    assert step == max_steps - 1, f"the last decay step differs most, not step {step}: {message}"
+    fails_with(check_lr_at, floor_not_subtracted, "scales max_lr instead of (max_lr - min_lr)")
 
 
 def test_train_step_mistakes():

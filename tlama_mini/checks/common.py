@@ -8,6 +8,8 @@ output matches one of them, names it.
 """
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +52,83 @@ def check_tensor(name: str, out: Any, expected: torch.Tensor, *, atol: float = 1
             fail(name, f"the output matches a known mistake: {mistake}", hint)
     fail(name, f"values differ from the reference (max abs difference {diff:.3g}, tolerance {atol:g})", hint)
     return diff
+
+
+def call(name: str, fn: Callable, *args: Any, hint: str = "") -> Any:
+    """Run the learner's fn; a crash inside it (a shape or dtype error) becomes a failure that quotes the
+    error's first line, with `hint`. NotImplementedError passes through: the exercise is still to do."""
+    try:
+        return fn(*args)
+    except NotImplementedError:
+        raise
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        if "view size is not compatible" in str(e):
+            hint = ("after a transpose the tensor is not contiguous in memory, so .view cannot merge those "
+                    "dimensions: use .reshape (or .contiguous().view)")
+        fail(name, f"crashed with {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", hint)
+
+
+def compare(name: str, out: Any, expected: torch.Tensor, *, mistakes: Mapping[str, Callable[[], torch.Tensor]],
+            hint: str = "", nan_hint: str = "", atol: float = 1e-5) -> float:
+    """check_tensor, plus: a known mistake is named even when its output has another shape or contains NaN
+    (an inverted causal mask leaves the last query no key), and `hint` is shown only when none matches."""
+    if isinstance(out, torch.Tensor):
+        got = out.detach().to(expected.dtype)
+        if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=1e-4, equal_nan=True):
+            for mistake, make in mistakes.items():
+                value = make()
+                for v in (value, value.nan_to_num(0.0)):  # NaN-safe learners turn the NaN row into zeros
+                    if v.shape == got.shape and torch.allclose(got, v, atol=atol, rtol=1e-4, equal_nan=True):
+                        fail(name, f"the output matches a known mistake: {mistake}")
+            if got.shape == expected.shape and torch.isnan(got).any() and nan_hint:
+                fail(name, "output contains NaN where the reference has none", nan_hint)
+    try:
+        return check_tensor(name, out, expected, atol=atol)
+    except ExerciseFailed as e:
+        if hint and "hint:" not in str(e):
+            raise ExerciseFailed(f"{e}\n  hint: {hint}") from None
+        raise
+
+
+def check_unchanged(name: str, given: torch.Tensor, original: torch.Tensor, what: str, hint: str) -> None:
+    """Fail if the learner's fn changed its input `given` (a copy of `original`) in place."""
+    if given.shape != original.shape or not torch.equal(given, original):
+        fail(name, f"{what} was modified in place; the exercise asks for a new tensor and must leave its input "
+             "as it was (the caller may still need it)", hint)
+
+
+def _stub_raiser(e: NotImplementedError) -> str | None:
+    """The function whose bare `raise NotImplementedError` (an exercise stub) this is; None for errors with a
+    message (torch's own NotImplementedError for an unsupported operation names what is missing)."""
+    if e.args:
+        return None
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_name if tb is not None else None
+
+
+def attributes_stubs(check: Callable) -> Callable:
+    """Decorate a check_<name>: when the learner's <name> itself is done but calls another function that is
+    still a stub (exercise 3 reusing exercise 1, as the exercises invite), say which function raised instead of
+    reporting <name> as not implemented."""
+    exercise = check.__name__.removeprefix("check_")
+
+    @functools.wraps(check)
+    def wrapper(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return check(fn, *args, **kwargs)
+        except NotImplementedError as e:
+            raiser = _stub_raiser(e)
+            if raiser is None or raiser in (exercise, getattr(fn, "__name__", exercise)):
+                raise
+            others = [c.removeprefix("check_") for c in getattr(sys.modules[check.__module__], "__all__", [])]
+            what = "another exercise of this lesson, " if raiser in others else ""
+            raise NotImplementedError(
+                f"{exercise} could not be checked: it calls {raiser}(), {what}which is not implemented yet (it "
+                f"raises NotImplementedError). Finish {raiser} first (its own check says when it is right)"
+            ) from None
+    return wrapper
 
 
 def expect_failure(check: Callable[[Any], None], fn: Any, *words: str) -> str:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..embeddings import add_positions, position_shift_matrix, sinusoidal_positions
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 # Only the checks: `from tlama_mini.checks.lesson02 import *` must not hand the reference solutions to the learner.
 __all__ = ["check_add_positions", "check_embed_lookup_onehot", "check_position_shift_matrix",
@@ -18,6 +18,15 @@ def _rand(lo: int, hi: int) -> int:
     return int(torch.randint(lo, hi + 1, ()))
 
 
+def _float32(name: str, out: object, what: str) -> None:
+    """The instructions ask for float32; a float64 result would silently promote what it is combined with."""
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != torch.float32:
+        fail(name, f"returned {out.dtype}; the exercise asks for float32",
+             f"convert at the end with .float(): {what} in float64 turns the float32 tensors it meets into float64 "
+             "(twice the memory, and slower)")
+
+
+@attributes_stubs
 def check_embed_lookup_onehot(fn) -> None:
     """fn(ids (B, T) int64, table (V, C) float) -> (B, T, C), computed as one_hot(ids) @ table."""
     name = "embed_lookup_onehot"
@@ -26,6 +35,8 @@ def check_embed_lookup_onehot(fn) -> None:
     ids = torch.randint(0, V - 2, (B, T))  # the largest ids never occur: F.one_hot(ids) alone is too narrow
     try:
         out = fn(ids, table)
+    except NotImplementedError:  # a RuntimeError too, but the stub: the exercise is still to do
+        raise
     except RuntimeError as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "dtype" in msg or "Long" in msg:
@@ -35,12 +46,17 @@ def check_embed_lookup_onehot(fn) -> None:
             fail(name, f"the matmul failed: {msg}",
                  "the one-hot needs V columns: F.one_hot(ids) alone makes only max(ids) + 1, so pass "
                  "num_classes=table.shape[0]; then multiply by the table (V, C) as it is, not transposed")
-        raise
+        if "num_classes" in msg:
+            fail(name, f"F.one_hot failed: {msg}", f"num_classes is the vocabulary size V = table.shape[0] = {V} "
+                 f"(the table's rows), not table.shape[1] = {C} (its width)")
+        fail(name, f"crashed with RuntimeError: {msg}", "F.one_hot(ids, num_classes=table.shape[0]).to(table.dtype) "
+             "@ table")
     expected = F.embedding(ids, table)  # (B, T, C): the lookup table[ids]
     diff = check_tensor(name, out, expected, hint="one-hot rows (B, T, V) times the table (V, C) give (B, T, C)")
     passed(name, f"max abs diff {diff:.1e}, ids {tuple(ids.shape)}, table ({V}, {C})")
 
 
+@attributes_stubs
 def check_sinusoidal_positions(fn) -> None:
     """fn(n_pos, dim) -> (n_pos, dim) with pe[p, 2i] = sin(p w_i), pe[p, 2i+1] = cos(p w_i),
     w_i = 10000 ** (-2i / dim)."""
@@ -48,6 +64,7 @@ def check_sinusoidal_positions(fn) -> None:
     n_pos, dim = _rand(30, 60), 2 * _rand(4, 12)  # n_pos > dim: a transposed table has the wrong shape
     out = fn(n_pos, dim)
     expected = sinusoidal_positions(n_pos, dim)
+    _float32(name, out, "a position table")
     p = torch.arange(n_pos, dtype=torch.float64)[:, None]   # (P, 1)
     i = torch.arange(0, dim, 2, dtype=torch.float64)         # (C/2,): 2i
     j = torch.arange(dim, dtype=torch.float64)               # (C,): column index
@@ -82,6 +99,7 @@ def check_sinusoidal_positions(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} for n_pos={n_pos}, dim={dim}")
 
 
+@attributes_stubs
 def check_add_positions(fn) -> None:
     """fn(x (B, T, C), pos_table (P, C), start_pos) -> (B, T, C) = x + pos_table[start_pos:start_pos+T];
     raises ValueError when start_pos + T > P."""
@@ -91,7 +109,17 @@ def check_add_positions(fn) -> None:
     x, table = torch.randn(B, T, C), torch.randn(P, C)
     start = _rand(1, P - T)
     x_before = x.clone()
-    out = fn(x, table, start)
+
+    def fitting(start_pos: int) -> object:  # fn on positions that fit the table: no ValueError allowed
+        try:
+            return fn(x, table, start_pos)
+        except ValueError as e:
+            exact = " exactly" if start_pos + T == P else ""
+            fail(name, f"start_pos={start_pos} with T={T} uses rows {start_pos}..{start_pos + T - 1} of a table of "
+                 f"{P} rows, which fits{exact}, but it raised ValueError({e})",
+                 "raise only when start_pos + T > P (not >=)" if exact else "raise only when start_pos + T > P")
+
+    out = fitting(start)
     if not torch.equal(x, x_before):
         fail(name, "x was modified in place", "return x + ... (a new tensor) instead of x += ...")
     mistakes = {
@@ -103,7 +131,8 @@ def check_add_positions(fn) -> None:
             lambda: x + table[start + 1:start + T + 1]
     diff = check_tensor(name, out, add_positions(x, table, start), mistakes=mistakes,
                         hint="x (B, T, C) + pos_table[start_pos:start_pos + T] (T, C) broadcasts over B")
-    check_tensor(name + " (start_pos=0)", fn(x, table, 0), add_positions(x, table, 0))
+    check_tensor(name + " (start_pos=0)", fitting(0), add_positions(x, table, 0))
+    check_tensor(name + f" (start_pos={P - T}, the last rows)", fitting(P - T), add_positions(x, table, P - T))
     try:
         fn(torch.randn(B, P - 2, C), table, 3)
     except ValueError:
@@ -117,13 +146,26 @@ def check_add_positions(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)}, table ({P}, {C}), start_pos={start}")
 
 
+@attributes_stubs
 def check_position_shift_matrix(fn) -> None:
     """fn(k, dim) -> M (dim, dim) with pe[p + k] = M @ pe[p] for the interleaved sinusoidal table."""
     name = "position_shift_matrix"
     k, dim = _rand(1, 12), 2 * _rand(3, 8)
     M = fn(k, dim)
     expected = position_shift_matrix(k, dim)
+    _float32(name, M, "a matrix")
+
+    def blocks(exponent: torch.Tensor) -> torch.Tensor:  # the right 2x2 blocks for angles k * 10000**exponent
+        b = k * 10000.0 ** exponent
+        c, s_ = b.cos(), b.sin()
+        return torch.block_diag(*[torch.stack([torch.stack([ci, si]), torch.stack([-si, ci])])
+                                  for ci, si in zip(c, s_)]).float()
+
+    i2 = torch.arange(0, dim, 2, dtype=torch.float64)  # 2i
     mistakes = {
+        "the angles use the exponent i/dim instead of 2i/dim (i counts pairs: w_i = 10000**(-2i/dim))":
+            blocks(-i2 / 2 / dim),
+        "the exponent is missing its minus sign: w_i = 10000**(-2i/dim), not 10000**(2i/dim)": blocks(i2 / dim),
         "M is transposed: this matrix moves *back* k positions (pe[p - k] = M @ pe[p])": expected.T.contiguous(),
         "M moves by 1 position whatever k is (the angle of pair i is k * w_i)": position_shift_matrix(1, dim),
     }

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
 from ..attention import Attention, naive_attention
 from ..config import TlamaConfig
 from ..masks import causal_mask
-from .common import ExerciseFailed, check_tensor, fail, passed
+from .common import ExerciseFailed, attributes_stubs, call, compare as _compare, fail, passed
 
 __all__ = ["check_causal_mask", "check_masked_softmax", "check_scaled_dot_product_attention", "check_split_heads",
            "check_merge_heads", "check_multi_head_attention"]
@@ -30,39 +30,16 @@ _HELPERS = ("multi_head_attention calls your split_heads, scaled_dot_product_att
 
 
 def _call(name: str, fn: Callable, *args, hint: str = ""):
-    """Run the learner's fn; a crash becomes a failure with a hint (NotImplementedError means 'todo')."""
+    """common.call, with this lesson's words for the .view-after-transpose crash."""
     try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except (RuntimeError, TypeError, ValueError, IndexError) as e:
-        if "view size is not compatible" in str(e):
-            hint = _VIEW_AFTER_TRANSPOSE
-        fail(name, f"crashed with {type(e).__name__}: {e}", hint)
-
-
-def _compare(name: str, out, expected: torch.Tensor, *, mistakes: Mapping[str, Callable[[], torch.Tensor]],
-             hint: str = "", nan_hint: str = "", atol: float = 1e-5) -> float:
-    """check_tensor, plus: a known mistake is named even when its output has another shape or contains NaN
-    (an inverted causal mask leaves the last query no key), and `hint` is shown only when none matches."""
-    if isinstance(out, torch.Tensor):
-        got = out.detach().to(expected.dtype)
-        if got.shape != expected.shape or not torch.allclose(got, expected, atol=atol, rtol=1e-4, equal_nan=True):
-            for mistake, make in mistakes.items():
-                value = make()
-                for v in (value, value.nan_to_num(0.0)):  # NaN-safe learners turn the NaN row into zeros
-                    if v.shape == got.shape and torch.allclose(got, v, atol=atol, rtol=1e-4, equal_nan=True):
-                        fail(name, f"the output matches a known mistake: {mistake}")
-            if got.shape == expected.shape and torch.isnan(got).any() and nan_hint:
-                fail(name, "output contains NaN where the reference has none", nan_hint)
-    try:
-        return check_tensor(name, out, expected, atol=atol)
+        return call(name, fn, *args, hint=hint)
     except ExerciseFailed as e:
-        if hint and "hint:" not in str(e):
-            raise ExerciseFailed(f"{e}\n  hint: {hint}") from None
+        if "view size is not compatible" in str(e):
+            raise ExerciseFailed(str(e).split("\n  hint:")[0] + f"\n  hint: {_VIEW_AFTER_TRANSPOSE}") from None
         raise
 
 
+@attributes_stubs
 def check_causal_mask(fn) -> None:
     """fn(T) -> (T, T) bool mask, True where query i may attend to key j (j <= i)."""
     name = "causal_mask"
@@ -92,6 +69,7 @@ def _reference_masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch
     return probs.nan_to_num(0.0)  # a query that may see nothing gets zero weights, not NaN
 
 
+@attributes_stubs
 def check_masked_softmax(fn) -> None:
     """fn(scores, mask) -> probabilities over the last dim; masked entries 0; fully masked rows all 0.
     The mask has the scores' shape, then (second call) a (T, S) mask broadcast over a batch of scores."""
@@ -109,6 +87,8 @@ def check_masked_softmax(fn) -> None:
         "-inf *before* the softmax)": lambda: torch.softmax(scores, -1) * mask,
         "the mask is ignored": lambda: torch.softmax(scores, -1),
         _INVERTED: lambda: torch.softmax(scores.masked_fill(mask, float("-inf")), -1),
+        "the softmax is over the wrong dimension: each row (one query's weights over the keys, the last dim) must "
+        "sum to 1, use dim=-1": lambda: torch.softmax(scores.masked_fill(~mask, float("-inf")), -2),
     }
     nan_hint = ("the fully masked row is exp(-inf)/sum(exp(-inf)) = 0/0 = NaN; set such rows to 0, e.g. "
                 "torch.where(mask.any(-1, keepdim=True), probs, 0.0) or probs.masked_fill(~mask, 0.0)")
@@ -125,6 +105,7 @@ def check_masked_softmax(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, including a fully masked row")
 
 
+@attributes_stubs
 def check_scaled_dot_product_attention(fn) -> None:
     """fn(q, k, v, mask) with q (B, H, T, D), k/v (B, H, S, D), mask (T, S) bool (True = attend) or None."""
     name = "scaled_dot_product_attention"
@@ -158,6 +139,7 @@ def check_scaled_dot_product_attention(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} on random inputs with T={T}")
 
 
+@attributes_stubs
 def check_split_heads(fn) -> None:
     """fn(x, n_heads) with x (B, T, C) -> (B, H, T, D), D = C // H."""
     name = "split_heads"
@@ -178,6 +160,7 @@ def check_split_heads(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)} -> {tuple(expected.shape)}")
 
 
+@attributes_stubs
 def check_merge_heads(fn) -> None:
     """fn(x) with x (B, H, T, D) -> (B, T, C), C = H * D: the inverse of split_heads."""
     name = "merge_heads"
@@ -199,6 +182,7 @@ def check_merge_heads(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}, x {tuple(x.shape)} -> {tuple(expected.shape)}")
 
 
+@attributes_stubs
 def check_multi_head_attention(fn) -> None:
     """fn(x, Wq, Wk, Wv, Wo, n_heads, mask) with x (B, T, C), weights (C, C) in nn.Linear's (out, in)
     layout, mask (T, T) bool or None -> (B, T, C). Compared with `tlama_mini.Attention` (no RoPE)."""

@@ -19,7 +19,7 @@ from ..ffn import FeedForward
 from ..model import TransformerBlock
 from ..norm import RMSNorm
 from ..rope import compute_freqs_cis
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_rms_norm", "check_swiglu", "check_block_forward", "check_ffn_hidden_size"]
 
@@ -34,6 +34,7 @@ def _call(name: str, fn: Callable[..., Any], *args: Any, hint: str = "") -> Any:
         fail(name, f"it crashed with {type(e).__name__}: {str(e).splitlines()[0]}", hint)
 
 
+@attributes_stubs
 def check_rms_norm(fn) -> None:
     """fn(x, weight, eps) with x (..., C), weight (C,) -> (..., C): x / sqrt(mean(x**2 over C) + eps) * weight."""
     name = "rms_norm"
@@ -58,6 +59,9 @@ def check_rms_norm(fn) -> None:
             lambda: x / (ms.sqrt() + eps) * weight,
         "eps is ignored": lambda: x / ms.sqrt() * weight,
         "it divides by the mean square, not by its square root": lambda: x / (ms + eps) * weight,
+        "it divides by the L2 norm sqrt(sum(x**2)), not the root *mean* square: average over the C features "
+        "(x.pow(2).mean(-1, keepdim=True)), so the result does not shrink as C grows":
+            lambda: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + eps) * weight,
         "the learnable scale `weight` is not applied": lambda: x * torch.rsqrt(ms + eps),
         "the mean square is taken over the wrong dimension: normalise each vector over its features, the "
         "last dim (mean(-1, keepdim=True))": lambda: x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + eps) * weight,
@@ -80,6 +84,7 @@ def _linear_weights(C: int, Fh: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return (torch.randn(Fh, C) / math.sqrt(C), torch.randn(C, Fh) / math.sqrt(Fh), torch.randn(Fh, C) / math.sqrt(C))
 
 
+@attributes_stubs
 def check_swiglu(fn) -> None:
     """fn(x, w1, w2, w3) with x (..., C), w1/w3 (F, C), w2 (C, F) (nn.Linear layout) -> (..., C):
     w2(silu(w1 x) * w3 x)."""
@@ -104,6 +109,8 @@ def check_swiglu(fn) -> None:
         "the gate has no activation (a bilinear layer): apply SiLU to w1 x": lambda: (a * b) @ w2.T,
         "the up projection w3 is missing: SwiGLU multiplies silu(w1 x) by w3 x": lambda: F.silu(a) @ w2.T,
         "the down projection w2 is applied before the product": lambda: (F.silu(a) @ w2.T) * (b @ w2.T),
+        "the SiLU is applied after the product, silu(w1 x * w3 x): it belongs on the gate alone, "
+        "silu(w1 x) * w3 x": lambda: F.silu(a * b) @ w2.T,
     }
     hint = "the weights are in nn.Linear layout (out_features, in_features): compute x @ w1.T, or F.linear(x, w1)"
     diff = check_tensor(name, _call(name, fn, x, w1, w2, w3, hint=hint), expected, mistakes=mistakes)
@@ -119,6 +126,7 @@ def _block() -> tuple[TransformerBlock, torch.Tensor]:
     return block, compute_freqs_cis(cfg.head_dim, cfg.max_seq_len)
 
 
+@attributes_stubs
 def check_block_forward(fn) -> None:
     """fn(x, attention, ffn, attention_norm, ffn_norm) with x (B, T, C) and four callables
     (B, T, C) -> (B, T, C) -> (B, T, C): the pre-norm block h = x + attention(attention_norm(x)),
@@ -150,6 +158,8 @@ def check_block_forward(fn) -> None:
             "normalises the *input* of each sublayer and leaves the residual stream untouched": post,
             "the attention residual is missing: h = x + attention(attention_norm(x))": lambda: pre(an, fn_, res1=False),
             "the feed-forward residual is missing: out = h + ffn(ffn_norm(h))": lambda: pre(an, fn_, res2=False),
+            "the second residual adds x instead of h, which drops the attention output: out = h + ffn(ffn_norm(h))":
+                lambda: x + ffn(fn_(x + attn(an(x)))),
             "both residual connections are missing": lambda: pre(an, fn_, False, False),
             "the FFN reads x instead of h (that is PaLM's parallel block): the FFN must see the stream after "
             "attention has written to it": lambda: pre(an, fn_, ffn_reads_x=True),
@@ -176,12 +186,14 @@ def _rule(hidden_dim: int, multiple_of: int, mult: float | None, *, two_thirds: 
         if trunc:
             h = int(h)
     q = h / multiple_of
-    r = {"up": math.ceil(q), "down": math.floor(q), "nearest": round(q), "none": q}[rounding] * multiple_of
+    r = {"up": math.ceil(q), "down": math.floor(q), "nearest": round(q), "none": q,
+         "next": math.floor(q) + 1}[rounding] * multiple_of
     if mult is not None and use_mult and mult_after:
         r = int(mult * r)
     return r
 
 
+@attributes_stubs
 def check_ffn_hidden_size(fn) -> None:
     """fn(hidden_dim, multiple_of, ffn_dim_multiplier) -> int: Llama's SwiGLU hidden size."""
     name = "ffn_hidden_size"
@@ -191,6 +203,7 @@ def check_ffn_hidden_size(fn) -> None:
              (4 * 4096, 1024, 1.3),     # Llama 3 8B: 14336
              (4 * 64, 16, None),        # tlama_mini's "tiny" preset: 176
              (385, 256, None),          # 2*385/3 = 256.67: Llama truncates to 256 first, so 256 (not 512)
+             (384, 256, None),          # 2*384/3 = 256 exactly: already a multiple, so 256
              (300, 64, 1.5)]
     cases.append((random.randint(16, 20000), random.choice([8, 16, 64, 256]), random.choice([None, 1.3, 1.5, 0.8])))
     expected = [ffn_hidden_size(*c) for c in cases]
@@ -213,6 +226,9 @@ def check_ffn_hidden_size(fn) -> None:
         "it rounds down: round *up* to a multiple of multiple_of (math.ceil)": dict(rounding="down"),
         "it rounds to the nearest multiple: round *up* (math.ceil)": dict(rounding="nearest"),
         "it does not round to a multiple of multiple_of": dict(rounding="none"),
+        "it always goes up to the *next* multiple, (h // multiple_of + 1) * multiple_of, even when h already is "
+        "one (2 * 384 / 3 = 256 with multiple_of=256 must stay 256): use math.ceil(h / multiple_of) * multiple_of":
+            dict(rounding="next"),
         "ffn_dim_multiplier is ignored": dict(use_mult=False),
         "ffn_dim_multiplier is applied after rounding: apply it to int(2 * hidden_dim / 3), then round up":
             dict(mult_after=True),

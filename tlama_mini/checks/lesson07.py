@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..moe import MoE, load_balancing_loss, moe_loop, route
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_router_topk", "check_load_balancing_loss", "check_moe_forward"]
 
@@ -44,6 +44,7 @@ def _check_indices(name: str, idx: Any, expected: torch.Tensor, logits: torch.Te
     fail(name, "the chosen experts differ from the top-k of the router probabilities")
 
 
+@attributes_stubs
 def check_router_topk(fn) -> None:
     """fn(logits, k) with logits (N, E) -> (weights (N, k), indices (N, k)): the k largest router
     probabilities of each token, renormalised to sum to 1, and their expert ids, largest first."""
@@ -55,7 +56,11 @@ def check_router_topk(fn) -> None:
     _check_indices(name, idx, experts_ref, logits, k)
     top_logits = logits.gather(-1, experts_ref)  # (N, k)
     wrong_dim = torch.softmax(logits, 0).gather(-1, experts_ref)
+    top_probs = torch.softmax(logits, -1).gather(-1, experts_ref)  # (N, k), not renormalised
     mistakes = {
+        "the k chosen probabilities are renormalised with a second softmax: softmax(p) is not p / sum(p) (it "
+        "exponentiates probabilities, flattening the weights towards 1/k); divide them by their sum, or take "
+        "one softmax of the top-k *logits*": torch.softmax(top_probs, -1),
         "the weights are not renormalised: divide the k chosen probabilities by their sum (Mixtral's "
         "norm_topk_prob), so every token's weights add up to 1": route(logits, k, norm_topk_prob=False)[0],
         "the weights are raw logits: turn the scores into probabilities with a softmax": top_logits,
@@ -74,6 +79,7 @@ def check_router_topk(fn) -> None:
     passed(name, f"max abs diff {diff:.1e} with N={N}, E={E}, k={k}")
 
 
+@attributes_stubs
 def check_load_balancing_loss(fn) -> None:
     """fn(probs, experts) with probs (N, E) router probabilities and experts (N, k) chosen ids ->
     scalar E * sum_e f_e * P_e (Switch Transformer), differentiable with respect to probs."""
@@ -135,6 +141,7 @@ def _mix(x: torch.Tensor, experts: list, weights: torch.Tensor, idx: torch.Tenso
                         for n in range(x.shape[0])])
 
 
+@attributes_stubs
 def check_moe_forward(fn) -> None:
     """fn(x, gate, experts, k) with x (N, C), gate a callable (N, C) -> (N, E) router logits, experts a
     list of E callables (n, C) -> (n, C), k experts per token -> (N, C): each token's output is the

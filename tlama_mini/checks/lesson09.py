@@ -9,13 +9,24 @@ from ..config import TlamaConfig
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..sample import generate, top_k_filter, top_p_filter
-from .common import ExerciseFailed, check_tensor, fail, passed
+from .common import ExerciseFailed, attributes_stubs, check_tensor, check_unchanged, fail, passed
 
 __all__ = ["check_cache_update", "check_top_k_filter", "check_top_p_filter", "check_sample_loop"]
 
 NEG_INF = float("-inf")
 
 
+def _filtered(name: str, fn, logits: torch.Tensor, arg: float) -> object:
+    """fn(a copy of logits, arg), failing if fn wrote into that copy: the filters must return a new tensor."""
+    given = logits.clone()
+    out = fn(given, arg)
+    check_unchanged(name, given, logits, "the input `logits`",
+                    "use logits.masked_fill(drop, float('-inf')) (no trailing underscore: masked_fill_ and "
+                    "logits[drop] = ... write into the caller's tensor), or work on logits.clone()")
+    return out
+
+
+@attributes_stubs
 def check_cache_update(fn) -> None:
     """fn(cache_k, cache_v, xk, xv, start_pos) writes xk/xv (B, T, K, D) into the buffers
     (B_max, S_max, K, D) at positions start_pos.. and returns the keys and values of positions
@@ -23,8 +34,8 @@ def check_cache_update(fn) -> None:
     name = "cache_update"
     B_max, S_max, K, D = 4, 32, 2, 8
     B = int(torch.randint(1, B_max, ()))                  # fewer rows than the buffer holds
-    start_pos = int(torch.randint(3, 12, ()))             # some positions are already cached
-    T = int(torch.randint(2, 6, ()))
+    start_pos = int(torch.randint(6, 12, ()))             # some positions are already cached
+    T = int(torch.randint(2, 6, ()))                      # < start_pos + 1: the wrong shapes differ
     ref = KVCache(B_max, S_max, K, D)
     past_k, past_v = torch.randn(B, start_pos, K, D), torch.randn(B, start_pos, K, D)
     ref.update(0, past_k, past_v)                          # the prefill that came before
@@ -50,6 +61,11 @@ def check_cache_update(fn) -> None:
         if t.shape == xk.shape:
             fail(name, f"{label} has shape {tuple(t.shape)}: only the new positions",
                  "return the past positions as well: attention needs all keys 0..start_pos+T-1")
+        if t.shape == (B, start_pos + 1, K, D):
+            fail(name, f"{label} has start_pos + 1 = {start_pos + 1} positions, expected start_pos + T = "
+                 f"{start_pos + T}: this call brings T = xk.shape[1] = {T} new tokens, not 1 (one token per "
+                 "call holds only for decode steps; a prompt or a chunk brings several)",
+                 "return cache_k[:B, :start_pos + T] with T = xk.shape[1]")
     written_at_0 = before_k.clone()
     written_at_0[:B, :T] = xk
     mistakes = {"the new keys are written at position 0 instead of start_pos":
@@ -69,13 +85,14 @@ def check_cache_update(fn) -> None:
     passed(name, f"max abs diff {diff:.1e}; B={B}, start_pos={start_pos}, T={T}, then one decode step")
 
 
+@attributes_stubs
 def check_top_k_filter(fn) -> None:
     """fn(logits, k): logits (B, V) -> (B, V) with all but the k largest of each row set to -inf."""
     name = "top_k_filter"
     B, V = 3, int(torch.randint(10, 30, ()))
     k = int(torch.randint(2, 6, ()))
     logits = torch.randn(B, V) * 2
-    out = fn(logits.clone(), k)
+    out = _filtered(name, fn, logits, k)
     if isinstance(out, torch.Tensor) and out.shape == (B, k):
         fail(name, f"returned shape {(B, k)}: only the top-k values (or indices)",
              "keep the full (B, V) row and set the other logits to -inf, so softmax gives them 0")
@@ -118,6 +135,32 @@ def _top_p_mistakes(logits: torch.Tensor, p: float) -> dict[str, torch.Tensor]:
     }
 
 
+def _which_tokens(name: str, out: object, expected: torch.Tensor, logits: torch.Tensor) -> None:
+    """A wrong filter of the right shape: compare *which* tokens each row keeps (the finite entries), as sets,
+    instead of the values (a kept -inf against a finite logit differs by 3.4e38, which says nothing)."""
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+        return
+    got, want = torch.isfinite(out), torch.isfinite(expected)  # (B, V) kept tokens
+    if torch.equal(got, want):
+        return  # the right tokens, other values: the generic message stands
+    b = int((got != want).any(-1).nonzero()[0])
+    sets = (f"row {b} keeps tokens {got[b].nonzero().flatten().tolist()}, expected "
+            f"{want[b].nonzero().flatten().tolist()}")
+    n = want.sum(-1, keepdim=True)  # (B, 1) tokens to keep per row
+    first_n = torch.arange(logits.shape[-1]) < n  # the first n vocabulary positions of each row
+    if torch.equal(got, first_n):
+        fail(name, f"{sets}: the right number of tokens, but always the first ones of the vocabulary. The "
+             "keep/drop decision was made in sorted order and applied to the unsorted logits (or the sorted "
+             "logits were returned): put it back in vocabulary order first",
+             "drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), with order from torch.sort")
+    if torch.equal(got.sum(-1), want.sum(-1)):
+        fail(name, f"{sets}: the right number of tokens per row, but not the most likely ones",
+             "decide in sorted order, then scatter the decision back with the order torch.sort returned")
+    fail(name, f"{sets}: it keeps {got.sum(-1).tolist()} tokens per row, expected {want.sum(-1).tolist()}",
+         "drop a token when the probability mass of the more likely tokens before it is already >= p")
+
+
+@attributes_stubs
 def check_top_p_filter(fn) -> None:
     """fn(logits, p): logits (B, V) -> (B, V); keep the smallest set of most likely tokens whose total
     probability reaches p (always at least one), set the rest to -inf."""
@@ -136,23 +179,25 @@ def check_top_p_filter(fn) -> None:
         if isinstance(out, torch.Tensor) and out.shape == logits.shape and not torch.isfinite(out).any(-1).all():
             fail(name, *empty_msg)
 
-    out = fn(logits.clone(), p)
+    out = _filtered(name, fn, logits, p)
+    expected = top_p_filter(logits, p)
     try:
-        diff = check_tensor(name, out, top_p_filter(logits, p), atol=0, rtol=0,
-                            mistakes=_top_p_mistakes(logits, p), hint=hint)
+        diff = check_tensor(name, out, expected, atol=0, rtol=0, mistakes=_top_p_mistakes(logits, p), hint=hint)
     except ExerciseFailed as e:
         if "known mistake" not in str(e):
             no_empty_rows(out)
+            _which_tokens(name, out, expected, logits)
         raise
     confident = torch.randn(B, V)
     confident[torch.arange(B), torch.randint(0, V, (B,))] = 12.0  # the top token alone has probability > p
-    out = fn(confident.clone(), p)
+    out = _filtered(name, fn, confident, p)
     no_empty_rows(out)
     check_tensor(name + " (a confident distribution)", out, top_p_filter(confident, p), atol=0, rtol=0, hint=hint)
-    check_tensor(name + " (p=1.0)", fn(logits.clone(), 1.0), top_p_filter(logits, 1.0), atol=0, rtol=0)
+    check_tensor(name + " (p=1.0)", _filtered(name, fn, logits, 1.0), top_p_filter(logits, 1.0), atol=0, rtol=0)
     passed(name, f"max abs diff {diff:.1e} on random logits with V={V}, p={p:.2f}")
 
 
+@attributes_stubs
 def check_sample_loop(fn) -> None:
     """fn(model, tokens, n): greedy generation of n tokens with the KV cache; model in eval mode;
     tokens (B, T) -> (B, T + n). Must equal tlama_mini.generate(model, tokens, n, temperature=0)."""

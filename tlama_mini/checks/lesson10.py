@@ -18,7 +18,7 @@ import torch
 from ..config import TlamaConfig
 from ..model import Transformer
 from ..training import get_lr_scheduler
-from .common import check_tensor, fail, passed
+from .common import attributes_stubs, check_tensor, fail, passed
 
 __all__ = ["check_bits_per_char", "check_lr_at", "check_train_step", "check_evaluate"]
 
@@ -36,6 +36,7 @@ def _as_float(name: str, out: object) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- bits_per_char
+@attributes_stubs
 def check_bits_per_char(fn: Callable[[float], float]) -> None:
     """fn(loss) -> the same cross-entropy in bits: loss (nats per character) / ln 2."""
     name = "bits_per_char"
@@ -84,6 +85,7 @@ def _schedule(steps: range, max_lr: float, min_lr: float, warmup: int, max_steps
     return torch.tensor(out, dtype=torch.float64)
 
 
+@attributes_stubs
 def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
     """fn(step, max_lr, min_lr, warmup_steps, max_steps) -> learning rate: linear warmup to max_lr over
     warmup_steps (step 0 gets max_lr / warmup_steps), cosine decay to min_lr at max_steps, then min_lr.
@@ -128,9 +130,21 @@ def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
             for mistake, wrong in mistakes.items():
                 if torch.allclose(got, wrong, rtol=1e-6, atol=1e-12):
                     fail(label, f"the schedule matches a known mistake: {mistake}")
-            bad = int((~torch.isclose(got, expected, rtol=1e-6, atol=1e-12)).nonzero()[0])
+            wrong_steps = (~torch.isclose(got, expected, rtol=1e-6, atol=1e-12)).nonzero().flatten().tolist()
+            bad = int((got - expected).abs().argmax())  # the largest difference, not a rounding-sized first one
             phase = "warmup" if bad < w else "cosine decay" if bad < max_steps else "after max_steps"
-            fail(label, f"at step {bad} ({phase}) got {got[bad].item():.6g}, expected {expected[bad].item():.6g}",
+            at = f"at step {bad} ({phase}) got {got[bad].item():.6g}, expected {expected[bad].item():.6g}"
+            floorless = _schedule(**kw, floor=False)[w:max_steps]  # the decay written as if min_lr were 0
+            for mistake, wrong in {
+                "min_lr is missing from the cosine decay, which goes down to about 0 instead of to min_lr":
+                    floorless,
+                "the cosine scales max_lr instead of (max_lr - min_lr), so the decay starts at max_lr + min_lr":
+                    floorless + min_lr,
+            }.items():
+                if max_steps > w and torch.allclose(got[w:max_steps], wrong, rtol=1e-6, atol=1e-12):
+                    fail(label, f"{at}: {mistake}", "lr = min_lr + 0.5 * (1 + cos(pi * progress)) * (max_lr - min_lr)")
+            fail(label, f"{at}, the largest difference ({len(wrong_steps)} steps differ, the first is step "
+                 f"{wrong_steps[0]})",
                  "warmup: max_lr * (step + 1) / warmup_steps for step < warmup_steps; then progress = "
                  "(step - warmup_steps) / (max_steps - warmup_steps) and min_lr + 0.5 * (1 + cos(pi * progress)) "
                  "* (max_lr - min_lr); min_lr from max_steps on")
@@ -243,6 +257,7 @@ _ACCUM_HINT = ("for each micro-batch: loss = model(x, targets=y)[1]; (loss / gra
                "the gradient norm, optimizer.step(), optimizer.zero_grad()")
 
 
+@attributes_stubs
 def check_train_step(fn) -> None:
     """fn(model, optimizer, batches, grad_accum, clip) -> float: one optimizer step over the grad_accum
     micro-batches (x, y) of `batches`, gradients clipped to a global norm of `clip` (0: no clipping);
@@ -318,6 +333,7 @@ def _check_train_step(fn) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
+@attributes_stubs
 def check_evaluate(fn) -> None:
     """fn(model, batches) -> float: the mean loss per token over all (x, y) batches (of different sizes),
     computed in eval mode without tracking gradients; the model is back in train mode afterwards."""
