@@ -10,7 +10,9 @@ Debian's Chromium through Playwright (`executable_path`: no browser download). F
 a fresh workspace, Run > Run All Cells, wait until the kernel is idle, save, and check that every code cell
 ran without an error output, that no widget failed to render, and that every `interact` rendered and
 responds: its first slider moved with the keyboard changes the readout and redraws the output. Exercise
-notebooks: the cells above the first stub run without errors. Screenshots of every widget (and of the
+notebooks: the cells above the first stub run without errors. The kernels get TLAMA_QUICK_LESSONS=1, with
+which the lessons that train (10, 11) take a tenth of their steps: the numbers are nbval's to check, at
+full size; this test checks what the page shows. Screenshots of every widget (and of the
 page on a failure) go to $TLAMA_ARTIFACTS_DIR/jupyterlab (default .ci/artifacts/jupyterlab).
 Skipped when Chromium or Playwright is missing, unless TLAMA_REQUIRE_BROWSER=1 (set by .ci/run).
 """
@@ -75,7 +77,9 @@ class Lab:
             (settings / path).parent.mkdir(parents=True, exist_ok=True)
             (settings / f"{path}.jupyterlab-settings").write_text(json.dumps(value))
         env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "ws"),
-               "JUPYTER_CONFIG_DIR": str(tmp / "config"), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+               "JUPYTER_CONFIG_DIR": str(tmp / "config"), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+               # lessons 10 and 11 train for fewer steps: this test checks what the page shows, nbval the numbers
+               "TLAMA_QUICK_LESSONS": os.environ.get("TLAMA_QUICK_LESSONS", "1")}
         self.log = open(tmp / "jupyterlab.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}", "--ip=127.0.0.1",
