@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tlama_mini.checks.common import expect_failure
+from tlama_mini.checks.common import expect_failure_on_every_draw
 from tlama_mini.checks.lesson11 import check_fused_split, check_lora_forward, check_lora_merge, check_xpos_scale
 
 SEEDS = range(30)
@@ -23,10 +23,7 @@ def one_thread():
 
 def fails_with(check, fn, *words):
     """`check` rejects `fn` with a message that names the mistake (contains every one of `words`) on every seed."""
-    for seed in SEEDS:
-        random.seed(seed)
-        torch.manual_seed(seed)
-        expect_failure(check, fn, *words)
+    expect_failure_on_every_draw(check, fn, *words, seeds=SEEDS)
 
 
 # --- correct implementations, written from the definitions
@@ -120,7 +117,8 @@ def test_fused_split_mistakes_are_named():
         f.zero_()
         return out
 
-    fails_with(check_fused_split, lambda *a: fused_split(*a, order="kqvff"), "q was cut from features", "is features 0..")
+    fails_with(check_fused_split, lambda *a: fused_split(*a, order="kqvff"), "q was cut from features",
+               "is features 0..")
     fails_with(check_fused_split, lambda *a: fused_split(*a, q_layout="dh"), "split as (D, H)")
     fails_with(check_fused_split, lambda *a: fused_split(*a, q_layout="reshape"), "mixes time steps and heads")
     fails_with(check_fused_split, lambda *a: fused_split(*a, q_layout="no_transpose"), "heads were not moved")
@@ -197,3 +195,15 @@ def test_lora_merge_mistakes_are_named():
     fails_with(check_lora_merge, lambda W, A, B, al: W + al / A.shape[0] * (A @ B), "crashed", "B @ A is (O, r)")
     fails_with(check_lora_merge, lambda W, A, B, al: W + al / A.shape[0] * (B @ A).T, "crashed", "the shape of W")
     fails_with(check_lora_merge, lambda *a: None, "expected a torch.Tensor")
+
+
+def test_every_draw_helper_names_the_seed_a_wrong_answer_passes_on():
+    def check_odd_only(fn):  # a check that, like the old xPos check, sees the mistake only on some draws
+        if random.randrange(2) and fn() != 1:
+            from tlama_mini.checks.common import fail
+            fail("toy", "not one")
+
+    with pytest.raises(AssertionError, match=r"seed \d+: .*accepted a wrong implementation"):
+        expect_failure_on_every_draw(check_odd_only, lambda: 2, "not one", seeds=range(10))
+    expect_failure_on_every_draw(check_odd_only, lambda: 2, "not one", seeds=[s for s in range(10)
+                                 if (random.seed(s), random.randrange(2))[1]])

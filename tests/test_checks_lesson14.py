@@ -11,7 +11,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from tlama_mini.checks.common import expect_failure  # noqa: E402
+from tlama_mini.checks.common import expect_failure_on_every_draw  # noqa: E402
 from tlama_mini.checks.lesson14 import check_attn_fwd_kernel, check_causal_key_end, check_softmax_kernel  # noqa: E402
 
 KERNEL_SEEDS = range(12)  # each draw launches a kernel in the interpreter; the probe behind issue 22 ran 30
@@ -31,10 +31,7 @@ def one_thread():
 
 def fails_with(check, fn, *words, seeds=KERNEL_SEEDS):
     """`check` rejects `fn` with a message that names the mistake (contains every one of `words`) on every seed."""
-    for seed in seeds:
-        random.seed(seed)
-        torch.manual_seed(seed)
-        expect_failure(check, fn, *words)
+    expect_failure_on_every_draw(check, fn, *words, seeds=seeds)
 
 
 # --- a correct kernel each, with typical mistakes switched on by constexpr flags

@@ -220,7 +220,8 @@ def _check_attention_once(name: str, kernel, bm: int, bn: int) -> str:
     }
     check_tensor(name, o.double().cpu(), want, atol=tol, rtol=tol, mistakes=mistakes,
                  hint="per key tile: s = dot(q, trans(k)) * sm_scale (-inf past S); m_new = max(m, max(s)); "
-                      "p = exp(s - m_new); alpha = exp(m - m_new); l = l * alpha + sum(p); acc = acc * alpha + dot(p, v)")
+                      "p = exp(s - m_new); alpha = exp(m - m_new); l = l * alpha + sum(p); "
+                      "acc = acc * alpha + dot(p, v)")
     return f"T={T}, S={S}, tiles {bm}x{bn}, sm_scale={scale:g}"
 
 
