@@ -5,12 +5,28 @@ A check raises `ExerciseFailed` (an AssertionError) with a diagnosis, or prints 
 Diagnoses come from "known mistakes": the check computes what a typical wrong implementation
 would return (no 1/sqrt(d) scale, mask applied after the softmax, ...) and, if the learner's
 output matches one of them, names it.
+
+Four properties every check has (the house style; a learner's probe found each one missing somewhere):
+1. No wrong answer passes on any draw. Random sizes and constants are fine, but every call includes draws in
+   which each known mistake shows: odd and even lengths, constants other than the lesson's defaults (a scale
+   that is not 1 / sqrt(D), an alpha that is not r), sizes that differ where a mix-up would go unseen
+   (T != H, BLOCK_M != BLOCK_N, O != I), a last tile that raises the running maximum; or two calls that
+   together rule the mistake out.
+2. A rule the exercise states is checked (e.g. by watching the shapes the learner's code creates), or the
+   exercise does not call it a rule.
+3. A diagnosis names the mistake that is there and never another: markers (for "never written") are values
+   the learner's code cannot produce by mistake (not NaN, not 0), the candidate mistakes are kept apart by
+   the draw, and a symptom is confirmed before it is named.
+4. A crash inside the learner's code becomes a diagnosis with a hint (`call`), not a raw traceback.
+Each realistic mistake is a wrong solution in tests/test_checks_lessonNN.py, rejected by name on every one of
+many seeds (`expect_failure_on_every_draw`).
 """
 from __future__ import annotations
 
 import functools
+import random
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -143,3 +159,17 @@ def expect_failure(check: Callable[[Any], None], fn: Any, *words: str) -> str:
     missing = [w for w in words if w not in message]
     assert not missing, f"message lacks {missing}: {message}"
     return message
+
+
+def expect_failure_on_every_draw(check: Callable[[Any], None], fn: Any, *words: str,
+                                 seeds: Iterable[int] = range(30)) -> None:
+    """Testing the checks themselves: `expect_failure(check, fn, *words)` with Python's and torch's random
+    generators seeded with each of `seeds` in turn, so that a mistake that shows only on some draws (an odd
+    length, a constant that is not the default) fails the test."""
+    for seed in seeds:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            expect_failure(check, fn, *words)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}: {e}") from None
