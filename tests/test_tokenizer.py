@@ -312,7 +312,8 @@ def test_every_known_file_ships_in_the_package_unchanged(monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", sorted(ENCODINGS))
 def test_packaged_encodings_equal_tiktokens_own(name, monkeypatch):
     """tiktoken's own constructor (tiktoken_ext.openai_public), fed the packaged files instead of its
-    downloads and with its cache off, builds exactly the encoding tiktoken_encoding(name) builds."""
+    downloads and with its cache off, builds the encoding tiktoken_encoding(name) builds: the same ranks and
+    special tokens, and the same ids (older tiktoken releases spell the same split pattern differently)."""
     from tiktoken import load
     from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
     by_url = {known.url: relative for relative, known in paths.KNOWN_FILES.items()}
@@ -324,9 +325,9 @@ def test_packaged_encodings_equal_tiktokens_own(name, monkeypatch):
     theirs = tiktoken.Encoding(**ENCODING_CONSTRUCTORS[name]())
     ours = tiktoken_encoding(name)
     assert ours.name == theirs.name == name and ours.n_vocab == theirs.n_vocab
-    assert ours._pat_str == theirs._pat_str and ours._special_tokens == theirs._special_tokens
-    assert ours._mergeable_ranks == theirs._mergeable_ranks
-    for text in [TEXT, *HARD_CASES]:
+    assert ours._special_tokens == theirs._special_tokens and ours._mergeable_ranks == theirs._mergeable_ranks
+    rng = random.Random(2)
+    for text in [TEXT, *HARD_CASES, *(random_unicode(rng, rng.randrange(1, 80)) for _ in range(200))]:
         assert ours.encode(text, disallowed_special=()) == theirs.encode(text, disallowed_special=())
 
 
