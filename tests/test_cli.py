@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tlama_mini.cli import build_parser, main
+from tlama_mini.paths import find_data_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,9 +16,9 @@ pytestmark = pytest.mark.usefixtures("module_token_cache")
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory, data_dir) -> Path:
+def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    path.write_text(find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     return path
 
 
@@ -86,6 +87,7 @@ def test_offline_message_names_the_download(small_text, tmp_path, monkeypatch, c
         raise OSError("network is unreachable")
 
     monkeypatch.setenv("TLAMA_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(paths, "PACKAGED_DATA_DIR", tmp_path / "not-packaged")  # as if the package lacked it
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(paths, "fetch_url", offline)
     assert main(train_args(small_text, tmp_path / "out", "--data", "shakespeare")) == 2
@@ -93,8 +95,8 @@ def test_offline_message_names_the_download(small_text, tmp_path, monkeypatch, c
     assert "tinyshakespeare/input.txt" in err and "https://" in err and "TLAMA_DATA_DIR" in err
 
 
-def test_folder_data_bpe_and_resume(tmp_path, data_dir, capsys):
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+def test_folder_data_bpe_and_resume(tmp_path, capsys):
+    text = find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     (tmp_path / "books").mkdir()
     for i in range(3):
         (tmp_path / "books" / f"{i}.txt").write_text(text[i * 8000:(i + 1) * 8000])

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tlama_mini import data
+from tlama_mini.paths import find_data_file
 
 
 @pytest.fixture(autouse=True)
@@ -11,7 +12,7 @@ def token_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TLAMA_TOKEN_CACHE", str(tmp_path / "tokens"))
 
 
-def test_named_corpus_file_and_folder(data_dir, tmp_path):
+def test_named_corpus_file_and_folder(tmp_path):
     text, source = data.load_text("shakespeare")
     assert len(text) == 1_115_394 and text.startswith("First Citizen:") and "tinyshakespeare" in source
     (tmp_path / "books" / "b").mkdir(parents=True)
@@ -27,7 +28,7 @@ def test_named_corpus_file_and_folder(data_dir, tmp_path):
         data.load_text(str(tmp_path / "nothing"))
 
 
-def test_shakespeare_split_is_nanogpts(data_dir):
+def test_shakespeare_split_is_nanogpts():
     corpus = data.prepare_data("shakespeare", "char")
     assert corpus.tokenizer.vocab_size == 65
     assert (len(corpus.train), len(corpus.val)) == (1_003_854, 111_540)  # nanoGPT's shakespeare_char numbers
@@ -55,9 +56,9 @@ def test_tokens_are_cached_and_reused(tmp_path, monkeypatch):
     assert len(list((tmp_path / "tokens").glob("*.npy"))) == 2
 
 
-def test_bpe_tokenizer_is_trained_once(data_dir, tmp_path, monkeypatch):
+def test_bpe_tokenizer_is_trained_once(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
-    path.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text()[:5000])
+    path.write_text(find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:5000])
     corpus = data.prepare_data(str(path), "bpe", bpe_vocab_size=270)
     assert corpus.tokenizer.vocab_size == 270
     assert len(corpus.train) + len(corpus.val) < 5000  # merges made the text shorter

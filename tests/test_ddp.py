@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from tlama_mini.paths import find_data_file
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -24,9 +26,9 @@ def run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_two_processes_match_one_process_and_resume(tmp_path, data_dir):
+def test_two_processes_match_one_process_and_resume(tmp_path):
     text = tmp_path / "small.txt"
-    text.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:40_000])
+    text.write_text(find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:40_000])
     # A constant learning rate, so that stopping at step 5 and resuming to 8 follows the same schedule.
     args = ["train", "--preset", "tiny", "--data", str(text), "--batch-size", "8", "--seq-len", "32",
             "--eval-interval", "1", "--eval-batches", "2", "--warmup-steps", "0", "--lr", "3e-3",

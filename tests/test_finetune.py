@@ -11,6 +11,7 @@ from tlama_mini import TlamaConfig, Transformer
 from tlama_mini import checkpoint as ckpt
 from tlama_mini.cli import main
 from tlama_mini.finetune import load_adapters
+from tlama_mini.paths import find_data_file
 from tlama_mini.trainer import Reporter, Trainer, train_config
 
 LORA = ("--lora-rank", "4")
@@ -20,9 +21,9 @@ pytestmark = pytest.mark.usefixtures("module_token_cache")
 
 
 @pytest.fixture(scope="module")
-def texts(tmp_path_factory, data_dir) -> tuple[Path, Path, Path]:
+def texts(tmp_path_factory) -> tuple[Path, Path, Path]:
     """(base text, new text in the base's characters, new text with characters the base never saw)."""
-    full = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    full = find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     folder = tmp_path_factory.mktemp("data")
     base, vocab = full[:30_000], set(full[:30_000])
     new = "".join(c for c in full[200_000:220_000] if c in vocab)

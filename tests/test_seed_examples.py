@@ -15,7 +15,8 @@ RENAMES = [("tlama_core.models.config", "tlama_mini.config"), ("tlama_core.train
 def _examples() -> list[str]:
     files = sorted(SEEDS.glob("001_*.txt"))
     if not files:
-        pytest.skip(f"seed documents not found in {SEEDS} (shared/ must sit beside the checkout)")
+        pytest.skip(f"the seed documents this repository was built from are not in {SEEDS}: they are not part "
+                    "of a clone, only of the project's own workshop (shared/ beside the checkout)")
     blocks = re.findall(r"```python\n(.*?)```", files[0].read_text(encoding="utf-8"), flags=re.S)
     for old, new in RENAMES:
         blocks = [b.replace(old, new) for b in blocks]

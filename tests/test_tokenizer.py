@@ -1,7 +1,11 @@
 """Tokenizers and data-file lookup. References: tiktoken's "gpt2" encoding (ids must be identical),
-a naive from-scratch BPE trainer written here with collections.Counter, and hand-worked examples."""
+a naive from-scratch BPE trainer written here with collections.Counter, and hand-worked examples.
+tiktoken's encodings are built from the packaged rank files (tlama_mini.tiktoken_local), so nothing here
+needs a tiktoken cache or the network; one test checks they equal what tiktoken's own constructors build."""
+import hashlib
 import json
 import random
+import shutil
 import urllib.error
 from collections import Counter
 
@@ -9,6 +13,8 @@ import pytest
 import regex
 
 from tlama_mini import paths
+from tlama_mini.paths import find_data_file
+from tlama_mini.tiktoken_local import ENCODINGS, load_ranks, tiktoken_encoding
 from tlama_mini.tokenizer import (GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer, bytes_to_unicode, get_pair_counts,
                                   get_tokenizer, load_tokenizer, merge_pair)
 
@@ -20,18 +26,18 @@ TEXT = ("The quick brown fox jumps over the lazy dog. The dog sleeps; the fox do
 
 
 @pytest.fixture(scope="module")
-def gpt2(data_dir):
-    return BPETokenizer.from_gpt2(data_dir)
+def gpt2():
+    return BPETokenizer.from_gpt2()
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return tiktoken.get_encoding("gpt2")  # read from TIKTOKEN_CACHE_DIR, never downloaded in tests
+    return tiktoken_encoding("gpt2")  # tiktoken's gpt2, from the packaged r50k_base.tiktoken
 
 
 # ------------------------------------------------------------------ GPT-2 against tiktoken
-def test_gpt2_matches_tiktoken_on_tiny_shakespeare(gpt2, reference, data_dir):
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+def test_gpt2_matches_tiktoken_on_tiny_shakespeare(gpt2, reference):
+    text = find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
     ours, theirs = gpt2.encode(text), reference.encode(text)
     mismatches = sum(a != b for a, b in zip(ours, theirs)) + abs(len(ours) - len(theirs))
     print(f"Tiny Shakespeare: {len(theirs)} tiktoken tokens, {len(ours)} ours, {mismatches} mismatches")
@@ -58,7 +64,7 @@ def test_gpt2_matches_tiktoken_on_hard_cases(gpt2, reference, text):
 
 def test_gpt2_known_ids(gpt2):
     assert gpt2.vocab_size == 50257
-    assert gpt2.encode("Hello world") == [15496, 995]  # as in tiktoken's docs and shared/data/README.md
+    assert gpt2.encode("Hello world") == [15496, 995]  # as in tiktoken's docs
 
 
 def test_special_token(gpt2, reference):
@@ -118,9 +124,16 @@ def test_gpt2_save_load_round_trip(gpt2, tmp_path):
     assert loaded.encode(TEXT) == gpt2.encode(TEXT) and loaded.vocab == gpt2.vocab
 
 
-def test_from_gpt2_finds_files_through_tlama_data_dir(monkeypatch, data_dir, gpt2):
-    monkeypatch.setenv("TLAMA_DATA_DIR", str(data_dir))
-    assert get_tokenizer("gpt2").merges == gpt2.merges
+def test_from_gpt2_finds_files_through_tlama_data_dir(monkeypatch, tmp_path, gpt2):
+    # A data folder of one's own beats the packaged copy: here GPT-2's files with only its first 100 merges.
+    (tmp_path / "tiktoken").mkdir()
+    shutil.copy(find_data_file("tiktoken/encoder.json"), tmp_path / "tiktoken" / "encoder.json")
+    lines = find_data_file("tiktoken/vocab.bpe").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "tiktoken" / "vocab.bpe").write_text("\n".join(lines[:101]) + "\n", encoding="utf-8")
+    monkeypatch.setenv("TLAMA_DATA_DIR", str(tmp_path))
+    mine = get_tokenizer("gpt2")
+    assert len(mine.merges) == 100 and len(gpt2.merges) == 50_000
+    assert mine.merges == {pair: i for pair, i in gpt2.merges.items() if i < 256 + 100}
 
 
 # ------------------------------------------------------------------ the small helpers
@@ -133,12 +146,12 @@ def test_helpers_by_hand():
     assert merge_pair([1, 3], (1, 2), 9) == [1, 3]
 
 
-def test_bytes_to_unicode_matches_gpt2_files(data_dir):
+def test_bytes_to_unicode_matches_gpt2_files():
     mapping = bytes_to_unicode()
     assert sorted(mapping) == list(range(256)) and len(set(mapping.values())) == 256
     assert all(ch.isprintable() and not ch.isspace() for ch in mapping.values())
     assert mapping[ord(" ")] == "Ġ" and mapping[ord("\n")] == "Ċ" and mapping[ord("A")] == "A"
-    encoder = json.loads((data_dir / "tiktoken" / "encoder.json").read_text(encoding="utf-8"))
+    encoder = json.loads(find_data_file("tiktoken/encoder.json").read_text(encoding="utf-8"))
     assert {tok for tok, i in encoder.items() if i < 256} == set(mapping.values())
 
 
@@ -223,8 +236,10 @@ def test_char_tokenizer(tmp_path):
 # ------------------------------------------------------------------ finding data files
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """Empty TLAMA_DATA_DIR and user cache, and a downloader that fails as it does without network."""
+    """Empty TLAMA_DATA_DIR, packaged folder and user cache, and a downloader that fails as it does
+    without network."""
     monkeypatch.setenv("TLAMA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(paths, "PACKAGED_DATA_DIR", tmp_path / "packaged")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def no_network(url, dest, timeout=30.0):
@@ -243,8 +258,10 @@ def test_find_data_file_search_order(offline):
     rel = "tinyshakespeare/input.txt"
     cached = put(offline / "cache" / "tlama_mini" / rel)
     assert paths.find_data_file(rel) == cached
+    packaged = put(offline / "packaged" / rel)
+    assert paths.find_data_file(rel) == packaged  # the packaged copy beats the cache
     in_data_dir = put(offline / "data" / rel)
-    assert paths.find_data_file(rel) == in_data_dir  # TLAMA_DATA_DIR beats the cache
+    assert paths.find_data_file(rel) == in_data_dir  # TLAMA_DATA_DIR beats the packaged copy
     explicit = put(offline / "mine.txt")
     assert paths.find_data_file(rel, explicit) == explicit  # an explicit file beats everything
     assert paths.find_data_file(rel, offline / "data") == in_data_dir  # an explicit folder is a data root
@@ -258,6 +275,7 @@ def test_find_data_file_offline_message(offline):
     message = str(err.value)
     assert "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe" in message
     assert "$TLAMA_DATA_DIR/tiktoken/vocab.bpe" in message
+    assert str(offline / "packaged" / "tiktoken" / "vocab.bpe") in message
     assert str(offline / "cache" / "tlama_mini" / "tiktoken" / "vocab.bpe") in message
     assert not list((offline / "cache").rglob("*.part"))
     with pytest.raises(FileNotFoundError, match="no download URL"):
@@ -274,3 +292,59 @@ def test_find_data_file_download_is_checked(offline, monkeypatch):
         paths.find_data_file("other/file.txt", url="https://example.invalid/f", sha256="0" * 64)
     assert not (offline / "cache" / "tlama_mini" / "other" / "file.txt").exists()
     assert not list((offline / "cache").rglob("*.part"))
+
+
+# ------------------------------------------------------------------ what ships inside the package
+def test_every_known_file_ships_in_the_package_unchanged(monkeypatch, tmp_path):
+    monkeypatch.delenv("TLAMA_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def no_network(url, dest, timeout=30.0):
+        raise AssertionError(f"tried to download {url}")
+    monkeypatch.setattr(paths, "fetch_url", no_network)
+    for relative, known in paths.KNOWN_FILES.items():
+        path = paths.find_data_file(relative)
+        assert path == paths.PACKAGED_DATA_DIR / relative
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == known.sha256, relative
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name", sorted(ENCODINGS))
+def test_packaged_encodings_equal_tiktokens_own(name, monkeypatch):
+    """tiktoken's own constructor (tiktoken_ext.openai_public), fed the packaged files instead of its
+    downloads and with its cache off, builds the encoding tiktoken_encoding(name) builds: the same ranks and
+    special tokens, and the same ids (older tiktoken releases spell the same split pattern differently)."""
+    from tiktoken import load
+    from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS
+    by_url = {known.url: relative for relative, known in paths.KNOWN_FILES.items()}
+
+    def read_packaged(blobpath):
+        return (paths.PACKAGED_DATA_DIR / by_url[blobpath]).read_bytes()
+    monkeypatch.setattr(load, "read_file", read_packaged)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # "" turns tiktoken's cache off
+    theirs = tiktoken.Encoding(**ENCODING_CONSTRUCTORS[name]())
+    ours = tiktoken_encoding(name)
+    assert ours.name == theirs.name == name and ours.n_vocab == theirs.n_vocab
+    assert ours._special_tokens == theirs._special_tokens and ours._mergeable_ranks == theirs._mergeable_ranks
+    rng = random.Random(2)
+    for text in [TEXT, *HARD_CASES, *(random_unicode(rng, rng.randrange(1, 80)) for _ in range(200))]:
+        assert ours.encode(text, disallowed_special=()) == theirs.encode(text, disallowed_special=())
+
+
+def test_packaged_encodings_known_ids_and_errors(tmp_path, monkeypatch):
+    assert tiktoken_encoding("gpt2").encode("Hello world") == [15496, 995]  # as in tiktoken's docs
+    assert tiktoken_encoding("cl100k_base").encode("Hello world") == [9906, 1917]
+    assert tiktoken_encoding("cl100k_base").n_vocab == 100_277
+    assert tiktoken_encoding("gpt2") is tiktoken_encoding("gpt2")  # built once
+    with pytest.raises(ValueError, match="o200k_base"):
+        tiktoken_encoding("o200k_base")
+    # A rank file that is not tiktoken's (here one rank changed) is refused, naming the download.
+    rel = "tiktoken/r50k_base.tiktoken"
+    lines = find_data_file(rel).read_bytes().splitlines()
+    token, rank = lines[1000].split()
+    lines[1000] = token + b" " + str(int(rank) + 1).encode()
+    (tmp_path / "tiktoken").mkdir()
+    (tmp_path / rel).write_bytes(b"\n".join(lines) + b"\n")
+    monkeypatch.setenv("TLAMA_DATA_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="sha256.*" + paths.KNOWN_FILES[rel].url):
+        load_ranks(rel)

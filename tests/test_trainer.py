@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tlama_mini import checkpoint as ckpt
 from tlama_mini.data import BatchSampler
 from tlama_mini import device as device_module
+from tlama_mini.paths import find_data_file
 from tlama_mini.trainer import TrainConfig, Trainer, autocast_dtype, train_config
 from tlama_mini.training import get_lr_scheduler
 
@@ -23,10 +24,10 @@ STEPS = 150  # long enough that the test surely stops the run before its end
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory, data_dir) -> Path:
+def small_text(tmp_path_factory) -> Path:
     """The first 60k characters of Tiny Shakespeare (all 65 of its characters are not needed)."""
     path = tmp_path_factory.mktemp("data") / "small.txt"
-    path.write_text((data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    path.write_text(find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")[:60_000], encoding="utf-8")
     return path
 
 

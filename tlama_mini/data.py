@@ -1,7 +1,7 @@
 """Training data: read a corpus, tokenize it once (cached), split it, and cut it into batches.
 
 - `load_text("shakespeare" | file.txt | folder/)`: a named corpus (found with `paths.find_data_file`:
-  $TLAMA_DATA_DIR, the user cache, or a checked download), one text file, or every `*.txt` in a folder.
+  $TLAMA_DATA_DIR, the copy packaged with tlama_mini, ...), one text file, or every `*.txt` in a folder.
 - `prepare_data(...)`: tokenizer + token ids, cached in the user cache under the sha256 of the text and
   of the tokenizer, so the second run skips the (slow, for BPE) encoding.
 - The split is nanoGPT's: the first 90% of the tokens train, the last 10% validate, so losses compare.

@@ -2,10 +2,12 @@
 
 `find_data_file("tiktoken/vocab.bpe")` looks, in this order, at:
 
-1. an explicit path you pass (a file, or a data folder laid out like `shared/data/`);
-2. `$TLAMA_DATA_DIR/<relative>` (tests and CI point it at `../shared/data`);
-3. the user cache, `$XDG_CACHE_HOME/tlama_mini/<relative>` or `~/.cache/tlama_mini/<relative>`;
-4. a download into the user cache, checked against a known sha256.
+1. an explicit path you pass (a file, or a data folder laid out like `tlama_mini/data_files/`);
+2. `$TLAMA_DATA_DIR/<relative>` (your own copy, e.g. a bigger corpus under the same name);
+3. the packaged copy, `tlama_mini/data_files/<relative>`: the small files every lesson and test needs
+   (Tiny Shakespeare, GPT-2's BPE files, tiktoken's rank files) ship inside the package;
+4. the user cache, `$XDG_CACHE_HOME/tlama_mini/<relative>` or `~/.cache/tlama_mini/<relative>`;
+5. a download into the user cache, checked against a known sha256 (for larger optional files).
 
 When the download is impossible (no network) it raises FileNotFoundError saying exactly which URL to
 fetch and where to put it, so the offline fix is one command.
@@ -26,7 +28,10 @@ class KnownFile(NamedTuple):
     sha256: str
 
 
-# The canonical downloads; sha256 as in ../shared/data/SHA256SUMS.
+# The small files that ship inside the package (see data_files/README.md for sources and licences).
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent / "data_files"
+
+# The canonical downloads and their sha256 (the packaged copies are these files, byte for byte).
 KNOWN_FILES: dict[str, KnownFile] = {
     "tinyshakespeare/input.txt": KnownFile(
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
@@ -37,6 +42,12 @@ KNOWN_FILES: dict[str, KnownFile] = {
     "tiktoken/encoder.json": KnownFile(
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "tiktoken/r50k_base.tiktoken": KnownFile(
+        "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"),
+    "tiktoken/cl100k_base.tiktoken": KnownFile(
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
 }
 
 
@@ -76,6 +87,10 @@ def find_data_file(relative: str, explicit: str | Path | None = None, url: str |
     if data_dir and (Path(data_dir) / relative).is_file():
         return Path(data_dir) / relative
 
+    packaged = PACKAGED_DATA_DIR / relative
+    if packaged.is_file():
+        return packaged
+
     cached = user_cache_dir() / relative
     if cached.is_file():
         return cached
@@ -83,7 +98,7 @@ def find_data_file(relative: str, explicit: str | Path | None = None, url: str |
     known = KNOWN_FILES.get(relative)
     url = url or (known.url if known else None)
     sha256 = sha256 or (known.sha256 if known else None)
-    searched = f"$TLAMA_DATA_DIR/{relative} (TLAMA_DATA_DIR={data_dir or 'unset'}) and {cached}"
+    searched = f"$TLAMA_DATA_DIR/{relative} (TLAMA_DATA_DIR={data_dir or 'unset'}), {packaged} and {cached}"
     if url is None:
         raise FileNotFoundError(f"{relative} not found in {searched}, and no download URL is known for it")
 
