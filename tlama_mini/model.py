@@ -34,7 +34,7 @@ class TransformerBlock(nn.Module):
             self.ffn: nn.Module = MoE(config.d_model, config.moe_hidden_dim or config.ffn_dim,
                                       config.n_experts, config.n_experts_per_tok,
                                       shared_expert=config.moe_shared_expert,
-                                      norm_topk_prob=config.moe_norm_topk_prob)
+                                      norm_topk_prob=config.moe_norm_topk_prob, router=config.moe_router)
         else:
             self.ffn = FeedForward(config.d_model, config.ffn_dim, config.multiple_of,
                                    config.ffn_dim_multiplier, config.use_parallel, exact=True)
