@@ -192,3 +192,10 @@ def test_bad_image_input_gets_a_clear_error(vlm):
                                                             n_heads=4, ffn_dim=64, projector_dim=32))
     with pytest.raises(ValueError, match="pixel_shuffle_ratio"):
         VisionConfig(image_size=24, patch_size=4, d_model=32, n_heads=4, pixel_shuffle_ratio=0.25)
+
+
+def test_a_vision_config_survives_to_dict_and_from_dict():
+    vision = VisionConfig(image_size=32, patch_size=8, d_model=48, n_layers=1, n_heads=2, ffn_dim=192, projector_dim=64)
+    config = TlamaConfig.from_preset("tiny", vision=vision, image_token_id=1)
+    assert TlamaConfig.from_dict(config.to_dict()) == config
+    assert (vision.grid_size, vision.tokens_per_image, vision.shuffled_dim) == (4, 4, 192)
