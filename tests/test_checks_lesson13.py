@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from tlama_mini.checks.common import expect_failure as fails_with
-from tlama_mini.checks.lesson13 import check_merge_image_features, check_patchify, check_pixel_shuffle
+from tlama_mini.checks.lesson13 import (check_merge_image_features, check_patchify, check_pixel_shuffle,
+                                        check_vision_rope_angles)
 
 SEEDS = range(25)
 
@@ -41,6 +42,16 @@ def merge_scatter(h, mask, feats):
     return h.masked_scatter(mask[..., None], feats)
 
 
+def angles(G, D, theta):
+    out = torch.zeros(G * G + 1, D // 2)
+    for i in range(G * G):
+        y, x = divmod(i, G)
+        for j in range(D // 4):
+            f = theta ** (-4 * j / D)
+            out[i, j], out[i, D // 4 + j] = (x + 1) * f, (y + 1) * f
+    return out
+
+
 def seeded(seed):
     random.seed(seed)
     torch.manual_seed(seed)
@@ -54,7 +65,8 @@ def test_correct_solutions_pass(seed, capsys):
     check_pixel_shuffle(pixel_shuffle)
     check_merge_image_features(merge)
     check_merge_image_features(merge_scatter)
-    assert capsys.readouterr().out.count("✓") == 5
+    check_vision_rope_angles(angles)
+    assert capsys.readouterr().out.count("✓") == 6
 
 
 def stub(*args):
@@ -62,7 +74,7 @@ def stub(*args):
 
 
 def test_stubs_are_not_implemented():
-    for check in (check_patchify, check_pixel_shuffle, check_merge_image_features):
+    for check in (check_patchify, check_pixel_shuffle, check_merge_image_features, check_vision_rope_angles):
         with pytest.raises(NotImplementedError):
             check(stub)
 
@@ -152,3 +164,41 @@ def test_merge_mistakes(seed):
     fails_with(check_merge_image_features, first_row_only, "values differ")
     # a correct variant via masked_scatter passes, so the check does not depend on one style
     check_merge_image_features(expanded_wrongly)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vision_rope_angles_mistakes(seed):
+    seeded(seed)
+
+    def swapped(G, D, theta):
+        a = angles(G, D, theta)
+        return torch.cat([a[:, D // 4:], a[:, :D // 4]], dim=1)
+
+    def from_zero(G, D, theta):
+        a = angles(G, D, theta)
+        f = torch.tensor([theta ** (-4 * j / D) for j in range(D // 4)])
+        a[:-1] -= torch.cat([f, f])
+        return a
+
+    def lesson03_freqs(G, D, theta):
+        return angles(G, D, theta ** 0.5)  # theta ** (-4j / D) with sqrt(theta) = theta ** (-2j / D)
+
+    def cls_first(G, D, theta):
+        a = angles(G, D, theta)
+        return torch.cat([a[-1:], a[:-1]])
+
+    def interleaved(G, D, theta):
+        a = angles(G, D, theta)
+        return torch.stack([a[:, :D // 4], a[:, D // 4:]], dim=-1).reshape(a.shape)
+
+    def rotations(G, D, theta):
+        a = angles(G, D, theta)
+        return torch.polar(torch.ones_like(a), a)
+
+    fails_with(check_vision_rope_angles, swapped, "swapped")
+    fails_with(check_vision_rope_angles, from_zero, "start at 0")
+    fails_with(check_vision_rope_angles, lesson03_freqs, "-2i / D")
+    fails_with(check_vision_rope_angles, cls_first, "class token comes first")
+    fails_with(check_vision_rope_angles, interleaved, "interleaved")
+    fails_with(check_vision_rope_angles, rotations, "complex")
+    fails_with(check_vision_rope_angles, lambda G, D, theta: angles(G, D, theta)[:-1], "wrong shape")

@@ -68,17 +68,22 @@ def pixel_shuffle_loop(x: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.stack(tokens, dim=1)  # (I, N / s^2, s^2 Cv)
 
 
-def vision_freqs_cis(grid_size: int, head_dim: int, theta: float) -> torch.Tensor:
-    """2D RoPE rotations for the N = G^2 patches (row-major) and then the class token:
-    (N + 1, D/2) complex64. Pair i < D/4 turns with column x + 1, pair D/4 + i with row y + 1, both
-    at frequency theta ** (-4 i / D); the class token's angles are 0."""
+def vision_rope_angles(grid_size: int, head_dim: int, theta: float) -> torch.Tensor:
+    """2D RoPE angles for the N = G^2 patches (row-major) and then the class token: (N + 1, D/2) float64.
+    Pair i < D/4 turns with column x + 1, pair D/4 + i with row y + 1, both at frequency
+    theta ** (-4 i / D); the class token's angles are 0."""
     if head_dim % 4:
         raise ValueError(f"2D RoPE needs head_dim ({head_dim}) divisible by 4")
     freqs = 1.0 / theta ** (torch.arange(0, head_dim // 4, dtype=torch.float64) * 4 / head_dim)  # (D/4,)
     idx = torch.arange(grid_size * grid_size)
     col, row = (idx % grid_size + 1).double(), (idx // grid_size + 1).double()  # (N,) each
     angles = torch.cat([col[:, None] * freqs, row[:, None] * freqs], dim=-1)   # (N, D/2)
-    angles = torch.cat([angles, angles.new_zeros(1, head_dim // 2)])            # (N + 1, D/2)
+    return torch.cat([angles, angles.new_zeros(1, head_dim // 2)])              # (N + 1, D/2)
+
+
+def vision_freqs_cis(grid_size: int, head_dim: int, theta: float) -> torch.Tensor:
+    """The rotations cos + i sin of `vision_rope_angles`: (N + 1, D/2) complex64."""
+    angles = vision_rope_angles(grid_size, head_dim, theta)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 

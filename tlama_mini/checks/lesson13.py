@@ -13,9 +13,10 @@ import torch
 from ..vision import merge_image_features as ref_merge
 from ..vision import patchify as ref_patchify
 from ..vision import pixel_shuffle as ref_pixel_shuffle
+from ..vision import vision_rope_angles as ref_angles
 from .common import attributes_stubs, call, check_tensor, fail, passed
 
-__all__ = ["check_patchify", "check_pixel_shuffle", "check_merge_image_features"]
+__all__ = ["check_patchify", "check_pixel_shuffle", "check_merge_image_features", "check_vision_rope_angles"]
 
 
 @attributes_stubs
@@ -119,3 +120,41 @@ def check_merge_image_features(fn) -> None:
     empty = call(name + " (no image tokens)", fn, h.clone(), torch.zeros(B, T, dtype=torch.bool), features[:0])
     check_tensor(name + " (no image tokens)", empty, h, atol=0, rtol=0)
     passed(name, f"{n} image positions in {B} rows, max abs diff {diff:.1e}")
+
+
+@attributes_stubs
+def check_vision_rope_angles(fn) -> None:
+    """fn(grid_size, head_dim, theta) -> (G^2 + 1, D/2) angles: pair i < D/4 turns with column x + 1, pair
+    D/4 + i with row y + 1, at frequency theta ** (-4 i / D); patches row-major, then the class token at 0."""
+    name = "vision_rope_angles"
+    G, D = random.randint(3, 6), random.choice([8, 12, 16])
+    theta = random.choice([100.0, 500.0, 10000.0])
+    expected = ref_angles(G, D, theta)  # (N + 1, D/2)
+    N, Q = G * G, D // 4
+    freqs = 1.0 / theta ** (torch.arange(Q, dtype=torch.float64) * 4 / D)
+    idx = torch.arange(N)
+    col, row = (idx % G + 1).double(), (idx // G + 1).double()
+    zero = torch.zeros(1, 2 * Q, dtype=torch.float64)
+
+    def build(first, second, f=freqs, cls_first=False):
+        a = torch.cat([first[:, None] * f, second[:, None] * f], dim=-1)
+        return torch.cat([zero, a]) if cls_first else torch.cat([a, zero])
+
+    mistakes = {
+        "the column and the row are swapped: the first D/4 pairs turn with the column x = i % G, the last D/4 with "
+        "the row y = i // G": build(row, col),
+        "the coordinates start at 0: Llama 4 rotates by (x + 1) and (y + 1), so no patch is left unrotated like the "
+        "class token": build(col - 1, row - 1),
+        "the frequencies are lesson 03's theta ** (-2i / D); with D/4 pairs per axis they are theta ** (-4i / D), "
+        "as if each axis had a head of D/2": build(col, row, 1.0 / theta ** (torch.arange(Q, dtype=torch.float64) * 2 / D)),
+        "the class token comes first; Llama 4 appends it after the patches (the last row is the class token's)":
+            build(col, row, cls_first=True),
+        "the x and y pairs are interleaved (x, y, x, y, ...); the first D/4 pairs are all x, the last D/4 all y":
+            torch.cat([torch.stack([col[:, None] * freqs, row[:, None] * freqs], -1).reshape(N, 2 * Q), zero]),
+    }
+    out = call(name, fn, G, D, theta, hint="return real angles (N + 1, D/2), not complex rotations")
+    if isinstance(out, torch.Tensor) and out.is_complex():
+        fail(name, "returned complex rotations; return the angles themselves (torch.polar turns them into rotations)")
+    diff = check_tensor(name, out, expected, atol=1e-5, rtol=1e-5, mistakes=mistakes,
+                        hint="angle[i, j] = (x + 1) * f_j for j < D/4 and (y + 1) * f_(j - D/4) after, x = i % G")
+    passed(name, f"G={G}, D={D}, theta={theta:g}: {tuple(expected.shape)}, max abs diff {diff:.1e}")
