@@ -277,8 +277,9 @@ def test_malicious_pickle_is_refused_without_running_code(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(nope_layer_interval=2), "NoPE layers"),
-    (dict(attention_chunk_size=8), "chunked attention"),
+    # NoPE layers and chunked attention are saved as Llama 4 (tests/test_hf_llama4.py), which refuses these:
+    (dict(nope_layer_interval=2, qk_norm=True), "Llama 4 checkpoint: qk_norm with weights"),
+    (dict(attention_chunk_size=8, xpos_scale_base=512), "Llama 4 checkpoint: xPos"),
     (dict(parallel_block=True), "parallel block"),
     (dict(n_experts=4, moe_shared_expert=True), "shared expert"),
     (dict(n_experts=4, moe_layer_interval=2), "moe_layer_interval=2"),

@@ -3,7 +3,8 @@
 Module map (one concept each): config, embeddings (absolute positions), norm, rope, masks, attention, kv_cache, ffn, moe, model,
 sample (generation), training, parallel (tensor parallelism), flash (tiled attention), blockwise
 (chunked FFN / LM head / loss), tokenizer, paths (offline data lookup), data, trainer, checkpoint,
-hf (Hugging Face checkpoints), device, checks (exercise checks).
+hf (Hugging Face checkpoints; hf_llama4 for Llama 4), vision (images as tokens: Llama 4's ViT,
+pixel shuffle, projector), shapes (a synthetic image-caption data set), device, checks (exercise checks).
 
 Glossary: our names (Llama's) and what other code calls them.
 

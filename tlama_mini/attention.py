@@ -24,7 +24,7 @@ from torch import nn
 from .config import TlamaConfig
 from .kv_cache import KVCache
 from .masks import build_mask
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_normalize
 from .parallel import column_linear, row_linear, tp_world_size
 from .rope import apply_rope, xpos_scale
 
@@ -103,6 +103,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, **extra)
 
 
+def attn_temperature(positions: torch.Tensor, floor: int, scale: float) -> torch.Tensor:
+    """Llama 4's attention temperature tuning for NoPE layers (Nakanishi, 2025, "Scalable-Softmax"):
+    the query at position p is multiplied by 1 + scale * log(1 + floor((p + 1) / floor)), so scores
+    sharpen slowly as the context grows and attention over many keys does not flatten out.
+    (T,) integer positions -> (T,) float32 factors (1.0 for every p < floor - 1)."""
+    return 1.0 + scale * torch.log1p(torch.floor((positions.float() + 1.0) / floor))
+
+
 class Attention(nn.Module):
     """Attention layer of a `TransformerBlock`: Wq/Wk/Wv projections, optional QK RMSNorm, RoPE,
     the KV cache (eval mode only), attention, and the output projection Wo."""
@@ -152,9 +160,15 @@ class Attention(nn.Module):
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         if freq_cis is not None:
             xq, xk = apply_rope(xq, xk, freq_cis)
+            if self.config.qk_l2_norm:  # Llama 4: after RoPE, on RoPE layers only
+                xq, xk = rms_normalize(xq, self.config.norm_eps), rms_normalize(xk, self.config.norm_eps)
             if self.config.xpos_scale_base is not None:  # keys are cached already scaled
                 scale = xpos_scale(self.head_dim, start_pos, T, self.config.xpos_scale_base, device=x.device)
                 xq, xk = xq * scale[:, None, :].to(xq.dtype), xk / scale[:, None, :].to(xk.dtype)  # (T, 1, D) bcast
+        elif self.config.attn_temperature_floor is not None:  # a NoPE layer with Llama 4's temperature tuning
+            pos = torch.arange(start_pos, start_pos + T, device=x.device)
+            temp = attn_temperature(pos, self.config.attn_temperature_floor, self.config.attn_temperature_scale)
+            xq = (xq * temp[:, None, None]).to(xq.dtype)  # (T, 1, 1) broadcast over (B, T, H, D)
         if kv_cache and self.config.kv_cache and not self.training:
             xk, xv = self.cache.update(start_pos, xk, xv)  # (B, S, K, D), S = start_pos + T
         out = attention(xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2), mask,  # (B, H, T, D)

@@ -41,6 +41,63 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """The image encoder of a vision-language model (Llama 4's, see `vision.py`): a ViT over
+    `patch_size` x `patch_size` patches of a square `image_size` image, then pixel shuffle (each
+    2 x 2 group of patches -> one token when `pixel_shuffle_ratio` is 0.5) and an MLP adapter of width
+    `projector_dim`; the model projects that into its `d_model`."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    n_channels: int = 3
+    d_model: int = 768
+    n_layers: int = 34
+    n_heads: int = 16
+    ffn_dim: int = 5632                    # hidden size of each encoder layer's GELU MLP
+    rope_theta: float = 10000.0            # base of the 2D RoPE over the patch grid
+    pixel_shuffle_ratio: float = 0.5       # side of the token grid / side of the patch grid
+    projector_dim: int = 4096              # width of the pixel-shuffle MLP adapter's output
+    norm_eps: float = 1e-5                 # LayerNorm epsilon
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "n_channels", "d_model", "n_layers", "n_heads", "ffn_dim",
+                     "projector_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"vision.{name} ({value!r}) must be a positive integer")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size ({self.image_size}) must be a multiple of "
+                             f"vision.patch_size ({self.patch_size})")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 4:
+            raise ValueError(f"vision.d_model ({self.d_model}) / vision.n_heads ({self.n_heads}) must be a "
+                             "multiple of 4 (2D RoPE rotates pairs along x and along y)")
+        if not 0 < self.pixel_shuffle_ratio <= 1:
+            raise ValueError(f"vision.pixel_shuffle_ratio ({self.pixel_shuffle_ratio}) must be in (0, 1]")
+        s = round(1 / self.pixel_shuffle_ratio)
+        if abs(s * self.pixel_shuffle_ratio - 1) > 1e-9 or self.grid_size % s:
+            raise ValueError(f"vision.pixel_shuffle_ratio ({self.pixel_shuffle_ratio}) must be 1/s for a whole s "
+                             f"that divides the {self.grid_size} x {self.grid_size} patch grid")
+        if not self.rope_theta > 0 or not self.norm_eps > 0:
+            raise ValueError(f"vision.rope_theta ({self.rope_theta}) and vision.norm_eps ({self.norm_eps}) "
+                             "must be positive")
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along one side of the image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Image tokens in the text after pixel shuffle: (grid_size * ratio) ** 2."""
+        return (self.grid_size // round(1 / self.pixel_shuffle_ratio)) ** 2
+
+    @property
+    def shuffled_dim(self) -> int:
+        """Width of one token after pixel shuffle: d_model / ratio ** 2."""
+        return self.d_model * round(1 / self.pixel_shuffle_ratio) ** 2
+
+
+@dataclass(frozen=True, kw_only=True)
 class TlamaConfig:
     """Hyperparameters of a `Transformer`. Validated at construction; see `PRESETS` for named sizes."""
 
@@ -74,6 +131,9 @@ class TlamaConfig:
     sliding_window: int | None = None      # each query sees at most this many keys (itself included)
     attention_chunk_size: int | None = None  # chunked local attention on RoPE layers (Llama 4)
     nope_layer_interval: int | None = None   # every Nth layer uses no positional encoding (NoPE)
+    qk_l2_norm: bool = False               # Llama 4: q, k divided by their RMS (no weights) after RoPE, RoPE layers
+    attn_temperature_floor: int | None = None  # Llama 4 NoPE layers: q *= 1 + scale * log(1 + (pos + 1) // floor)
+    attn_temperature_scale: float = 0.1        # the `scale` above (attn_scale in Llama 4's config)
     parallel_block: bool = False           # PaLM: x + attn(norm(x)) + ffn(norm(x)) with one shared norm
     # --- mixture of experts ---
     n_experts: int | None = None           # None: dense FFN everywhere
@@ -82,11 +142,17 @@ class TlamaConfig:
     moe_layer_interval: int = 1            # layer i is MoE when (i + 1) % interval == 0
     moe_shared_expert: bool = False        # a dense expert every token also goes through
     moe_norm_topk_prob: bool = True        # renormalise the top-k router weights to sum to 1 (Mixtral)
+    moe_router: Literal["softmax", "sigmoid"] = "softmax"  # sigmoid: Llama 4 (scores scale the expert input)
     moe_aux_loss_coef: float = 0.01        # weight of the load-balancing loss added to the LM loss
+    # --- vision input (Llama 4) ---
+    vision: VisionConfig | None = None     # None: a text-only model
+    image_token_id: int | None = None      # positions holding this id receive the image features
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig(**self.vision))
         object.__setattr__(self, "weight_init", tuple(float(v) for v in self.weight_init))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "multiple_of", "max_seq_len",
                      "max_batch_size", "flash_block_size", "moe_layer_interval", "n_experts_per_tok"):
@@ -94,7 +160,7 @@ class TlamaConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         for name in ("n_kv_heads", "attn_head_dim", "ffn_hidden_dim", "blockwise_chunk_size", "sliding_window",
-                     "attention_chunk_size", "nope_layer_interval", "xpos_scale_base", "n_experts", "moe_hidden_dim"):
+                     "attention_chunk_size", "nope_layer_interval", "attn_temperature_floor", "xpos_scale_base", "n_experts", "moe_hidden_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} ({value!r}) must be a positive integer or None")
@@ -127,6 +193,19 @@ class TlamaConfig:
             raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= n_experts ({self.n_experts})")
         if self.moe_aux_loss_coef < 0:
             raise ValueError(f"moe_aux_loss_coef ({self.moe_aux_loss_coef}) must be >= 0")
+        if self.moe_router not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router ({self.moe_router!r}) must be 'softmax' or 'sigmoid'")
+        if self.qk_norm and self.qk_l2_norm:
+            raise ValueError("qk_norm (RMSNorm with weights, before RoPE) and qk_l2_norm (without weights, after "
+                             "RoPE) are alternatives; set one of them")
+        if self.attn_temperature_floor is not None and self.nope_layer_interval is None:
+            raise ValueError(f"attn_temperature_floor ({self.attn_temperature_floor}) acts on NoPE layers only; "
+                             "set nope_layer_interval too")
+        if (self.vision is None) != (self.image_token_id is None):
+            raise ValueError(f"vision and image_token_id ({self.image_token_id}) go together: a vision model needs "
+                             "the id of its image token, and a text-only model has none")
+        if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
+            raise ValueError(f"image_token_id ({self.image_token_id}) must be in [0, {self.vocab_size}) (vocab_size)")
 
     # --- derived values ---
     @property

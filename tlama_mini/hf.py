@@ -4,6 +4,8 @@
 model.safetensors, a sharded model.safetensors.index.json, or a pytorch_model.bin loaded with
 `weights_only=True`) for `LlamaForCausalLM`, `Qwen3ForCausalLM` (QK-norm) and `MixtralForCausalLM`
 (MoE); `save_hf_checkpoint(model, dir)` writes one that `AutoModelForCausalLM.from_pretrained` loads.
+Llama 4 (`Llama4ForCausalLM`, and `Llama4ForConditionalGeneration` with vision) has its own adapter,
+`hf_llama4.py`, which both functions hand over to.
 
 Names (per layer `model.layers.{i}.` <-> `layers.{i}.`; see the glossary in `tlama_mini/__init__.py`):
     model.embed_tokens / model.norm / lm_head        token_emb / norm / output
@@ -75,7 +77,7 @@ def _architecture(hf: dict[str, Any]) -> str:
     names = hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))]
     if names[0] not in ARCHITECTURES:
         raise ValueError(f"unsupported architecture {names[0]!r} in config.json; tlama_mini reads "
-                         f"{list(ARCHITECTURES)}")
+                         f"{list(ARCHITECTURES)} and Llama 4 (Llama4ForCausalLM, Llama4ForConditionalGeneration)")
     return names[0]
 
 
@@ -136,8 +138,6 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
 def _hf_architecture(c: TlamaConfig, requested: str | None) -> str:
     """The one HF architecture that can represent `c`, or a ValueError naming what cannot be."""
     problems = [why for bad, why in [
-        (c.nope_layer_interval is not None, f"NoPE layers (nope_layer_interval={c.nope_layer_interval})"),
-        (c.attention_chunk_size is not None, f"chunked attention (attention_chunk_size={c.attention_chunk_size})"),
         (c.parallel_block, "the parallel block (parallel_block=True)"),
         (c.xpos_scale_base is not None, f"xPos (xpos_scale_base={c.xpos_scale_base})"),
         (c.moe_shared_expert, "a shared expert (moe_shared_expert=True)"),
@@ -285,7 +285,11 @@ def load_hf_checkpoint(path: str | Path, **overrides: Any) -> Transformer:
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; save it with save_pretrained or save_hf_checkpoint")
-    config = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
+    hf = json.loads((path / "config.json").read_text())
+    from . import hf_llama4
+    if hf_llama4.is_llama4(hf):
+        return hf_llama4.load_llama4_checkpoint(path, hf, **overrides)
+    config = config_from_hf(hf, **overrides)
     tensors = _unfuse_experts(_read_tensors(path))
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF buffers
     if config.tie_embeddings:
@@ -308,9 +312,16 @@ def load_hf_checkpoint(path: str | Path, **overrides: Any) -> Transformer:
 
 def save_hf_checkpoint(model: Transformer, path: str | Path, architecture: str | None = None) -> Path:
     """Write config.json and model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained`
-    loads: Llama for a dense model, Qwen3 with qk_norm, Mixtral for MoE. Returns the directory."""
+    loads: Llama for a dense model, Qwen3 with qk_norm, Mixtral for MoE, Llama 4 for Llama 4's features
+    (`hf_llama4.py`; with vision, Llama4ForConditionalGeneration). Returns the directory."""
     from safetensors.torch import save_file
 
+    from . import hf_llama4
+    if hf_llama4.wants_llama4(model.config) or architecture in hf_llama4.ARCHITECTURES:
+        arch = "Llama4ForConditionalGeneration" if model.config.vision is not None else "Llama4ForCausalLM"
+        if architecture is not None and architecture != arch:
+            raise ValueError(f"this model can only be saved as {arch}, not {architecture!r}")
+        return hf_llama4.save_llama4_checkpoint(model, Path(path))
     arch = _hf_architecture(model.config, architecture)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in to_hf_state_dict(model).items()}
     path = Path(path)

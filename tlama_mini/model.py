@@ -22,6 +22,7 @@ from .masks import build_mask
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import compute_freqs_cis
+from .vision import VisionEncoder, merge_image_features
 
 
 class TransformerBlock(nn.Module):
@@ -34,7 +35,7 @@ class TransformerBlock(nn.Module):
             self.ffn: nn.Module = MoE(config.d_model, config.moe_hidden_dim or config.ffn_dim,
                                       config.n_experts, config.n_experts_per_tok,
                                       shared_expert=config.moe_shared_expert,
-                                      norm_topk_prob=config.moe_norm_topk_prob)
+                                      norm_topk_prob=config.moe_norm_topk_prob, router=config.moe_router)
         else:
             self.ffn = FeedForward(config.d_model, config.ffn_dim, config.multiple_of,
                                    config.ffn_dim_multiplier, config.use_parallel, exact=True)
@@ -73,6 +74,8 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(TransformerBlock(i, config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # Llama 4's image encoder (vision.py): its features replace the embeddings of image tokens
+        self.vision = VisionEncoder(config.vision, config.d_model) if config.vision is not None else None
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:  # one matrix for both ends (GPT-2, Llama 3.2 1B)
             self.output.weight = self.token_emb.weight
@@ -135,14 +138,38 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must be in [0, {c.vocab_size}) (vocab_size); got ids from {lo} to {hi}. "
                              "Was the text encoded with the tokenizer this model was built for?")
 
+    def _embed(self, tokens: torch.Tensor, start_pos: int, images: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings (B, T, C), with image features written over the image-token positions."""
+        h = self.token_emb(tokens)  # (B, T, C)
+        c = self.config
+        if images is None:
+            if self.vision is not None and start_pos == 0 and bool((tokens == c.image_token_id).any()):
+                raise ValueError(f"tokens hold {int((tokens == c.image_token_id).sum())} image tokens "
+                                 f"(id {c.image_token_id}) but no images were given; pass images=...")
+            return h
+        if self.vision is None:
+            raise ValueError("images given to a text-only model (config.vision is None); build the model with a "
+                             "VisionConfig and an image_token_id to read images")
+        self.vision.check_images(images)
+        mask = tokens == c.image_token_id  # (B, T)
+        per_image = c.vision.tokens_per_image
+        if int(mask.sum()) != per_image * images.shape[0]:
+            raise ValueError(f"tokens hold {int(mask.sum())} image tokens (id {c.image_token_id}), but "
+                             f"{images.shape[0]} images need {per_image} each = {per_image * images.shape[0]}")
+        features = self.vision(images)  # (I, tokens_per_image, C)
+        return merge_image_features(h, mask, features.reshape(-1, features.shape[-1]))
+
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, targets: torch.Tensor | None = None,
-                *, kv_cache: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                *, images: torch.Tensor | None = None,
+                kv_cache: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens (B, T) -> (logits (B, T, V), loss or None).
 
         With `targets` (B, T) the loss is the mean next-token cross-entropy (ignore_index=-100),
         plus `moe_aux_loss_coef` times the load-balancing loss of MoE layers. With
         config.blockwise_chunk_size set, training computes the loss chunk by chunk and returns
         logits=None. kv_cache: None (default) uses the cache in eval mode without targets.
+        images (I, 3, H, W) float, for a model with config.vision: their features fill, in order, the
+        positions where tokens == config.image_token_id; targets equal to that id are ignored in the loss.
         """
         self._check_input(tokens, start_pos)
         B, T = tokens.shape
@@ -153,7 +180,7 @@ class Transformer(nn.Module):
         if use_cache and B > c.max_batch_size:
             raise ValueError(f"batch size {B} exceeds max_batch_size ({c.max_batch_size}) of the KV cache; use a "
                              "smaller batch, raise max_batch_size, or call model(..., kv_cache=False)")
-        h = self.dropout(self.token_emb(tokens))  # (B, T, C)
+        h = self.dropout(self._embed(tokens, start_pos, images))  # (B, T, C)
         freq_cis = self.freq_cis[start_pos:start_pos + T]  # (T, D/2)
         q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
         k_pos = torch.arange(0, start_pos + T, device=tokens.device) if use_cache else q_pos
@@ -172,6 +199,8 @@ class Transformer(nn.Module):
             return self.output(h), None  # (B, T, V)
         if targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
+        if c.image_token_id is not None:  # an image token is input, never something to predict
+            targets = targets.masked_fill(targets == c.image_token_id, -100)
         if c.blockwise_chunk_size is not None and self.training:
             from .blockwise import blockwise_lm_head_loss
             logits, loss = None, blockwise_lm_head_loss(h, self.output.weight, targets, c.blockwise_chunk_size)

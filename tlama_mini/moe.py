@@ -3,6 +3,9 @@
 A router scores every token against E experts (each a SwiGLU MLP); each token goes through its
 top-k experts only, and their outputs are mixed with the router's weights. Parameters grow with E,
 compute per token only with k. An optional shared expert sees every token (DeepSeek-MoE, Llama 4).
+Two routers: "softmax" (Mixtral: softmax over experts, top-k, weights scale the expert *outputs*)
+and "sigmoid" (Llama 4: top-k of the raw logits, sigmoid of those, and the weight scales each
+expert's *input*, expert(w * x), which differs from w * expert(x) because SwiGLU is not linear).
 
 Two implementations share the same weights and are tested equal:
 - `moe_loop`: for each expert, pick its tokens and run them (the readable reference);
@@ -32,6 +35,14 @@ def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool = True) -> t
     return weights, experts, probs
 
 
+def route_sigmoid(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Llama 4's router: router_logits (N, E) -> (weights (N, k) = sigmoid of the top-k logits, experts (N, k),
+    probs (N, E) = softmax of the logits, used only for the load-balancing loss)."""
+    top, experts = torch.topk(router_logits, k, dim=-1)  # (N, k) each
+    weights = torch.sigmoid(top.float())
+    return weights, experts, torch.softmax(router_logits.float(), dim=-1)
+
+
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """probs (N, E), experts (N, k) -> scalar E * sum_e f_e * P_e (1.0 when perfectly balanced)."""
     E = probs.shape[-1]
@@ -51,11 +62,13 @@ class MoE(nn.Module):
     kept in `self.aux_loss` (a scalar tensor, part of the autograd graph) for the model to add."""
 
     def __init__(self, d_model: int, hidden_dim: int, n_experts: int, k: int, *,
-                 shared_expert: bool = False, norm_topk_prob: bool = True) -> None:
+                 shared_expert: bool = False, norm_topk_prob: bool = True, router: str = "softmax") -> None:
         super().__init__()
         if not 1 <= k <= n_experts:
             raise ValueError(f"experts per token k ({k}) must be between 1 and n_experts ({n_experts})")
-        self.n_experts, self.k, self.norm_topk_prob = n_experts, k, norm_topk_prob
+        if router not in ("softmax", "sigmoid"):
+            raise ValueError(f"router ({router!r}) must be 'softmax' or 'sigmoid'")
+        self.n_experts, self.k, self.norm_topk_prob, self.router = n_experts, k, norm_topk_prob, router
         self.gate = nn.Linear(d_model, n_experts, bias=False)                  # router
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, d_model))   # (E, F, C) gate
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, hidden_dim))   # (E, C, F) down
@@ -66,11 +79,18 @@ class MoE(nn.Module):
                        if shared_expert else None)
         self.aux_loss: torch.Tensor | None = None
 
+    def route(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (N, C) -> (weights (N, k), experts (N, k), probs (N, E)) with this layer's router."""
+        if self.router == "sigmoid":
+            return route_sigmoid(self.gate(xf), self.k)
+        return route(self.gate(xf), self.k, self.norm_topk_prob)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., C), batched over experts."""
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # (N, C)
-        weights, experts, probs = route(self.gate(xf), self.k, self.norm_topk_prob)
+        weights, experts, probs = self.route(xf)
+        scale_input = self.router == "sigmoid"
         self.aux_loss = load_balancing_loss(probs, experts)
         flat_expert = experts.flatten()                  # (N k,)
         order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
@@ -80,12 +100,13 @@ class MoE(nn.Module):
         slot = torch.arange(order.numel(), device=x.device) - starts[sorted_expert]  # rank within group
         capacity = int(counts.max())
         token = order // self.k                          # which token each sorted assignment belongs to
+        w = weights.flatten()[order].to(x.dtype)         # (N k,) router weight of each assignment
         grouped = xf.new_zeros(self.n_experts, capacity, shape[-1])  # (E, cap, C), zero padded
-        grouped[sorted_expert, slot] = xf[token]
+        grouped[sorted_expert, slot] = xf[token] * w[:, None] if scale_input else xf[token]
         h = F.silu(grouped @ self.w1.transpose(1, 2)) * (grouped @ self.w3.transpose(1, 2))  # (E, cap, F)
         out = h @ self.w2.transpose(1, 2)                # (E, cap, C)
-        w = weights.flatten()[order].to(x.dtype)         # (N k,) router weight of each assignment
-        y = torch.zeros_like(xf).index_add_(0, token, out[sorted_expert, slot] * w[:, None])  # (N, C)
+        picked = out[sorted_expert, slot] if scale_input else out[sorted_expert, slot] * w[:, None]  # (N k, C)
+        y = torch.zeros_like(xf).index_add_(0, token, picked)  # (N, C)
         if self.shared is not None:
             y = y + self.shared(xf)
         return y.reshape(shape)
@@ -95,13 +116,16 @@ def moe_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Reference MoE forward with the same weights: a plain loop over experts. (..., C) -> (..., C)."""
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # (N, C)
-    weights, experts, _ = route(moe.gate(xf), moe.k, moe.norm_topk_prob)
+    weights, experts, _ = moe.route(xf)
     y = torch.zeros_like(xf)
     for e in range(moe.n_experts):
         token, which = torch.where(experts == e)  # tokens routed to e, and in which of their k slots
         if token.numel():
-            out = expert_ffn(xf[token], moe.w1[e], moe.w2[e], moe.w3[e])  # (n_e, C)
-            y.index_add_(0, token, out * weights[token, which, None].to(x.dtype))
+            w = weights[token, which, None].to(x.dtype)  # (n_e, 1)
+            if moe.router == "sigmoid":  # Llama 4 scales the input of the expert
+                y.index_add_(0, token, expert_ffn(xf[token] * w, moe.w1[e], moe.w2[e], moe.w3[e]))
+            else:
+                y.index_add_(0, token, expert_ffn(xf[token], moe.w1[e], moe.w2[e], moe.w3[e]) * w)
     if moe.shared is not None:
         y = y + moe.shared(xf)
     return y.reshape(shape)

@@ -11,6 +11,13 @@ import torch
 from torch import nn
 
 
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) over the last dimension, without a learned scale (Llama 4's QK-norm), computed in
+    float32 and returned in x's dtype. (..., C) -> (..., C)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square normalisation over the last dimension, with a learnable scale `weight`."""
 

@@ -57,10 +57,11 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
 def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_token: int | None = None,
-                    use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    use_cache: bool = True, images: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) step by step (for printing as text appears).
     Rows that produced `stop_token` keep yielding it; the stream ends when all rows have stopped.
-    use_cache=False recomputes the whole sequence every step (the slow reference)."""
+    use_cache=False recomputes the whole sequence every step (the slow reference). images: for a vision
+    model, the images whose features fill the prompt's image tokens (read in the prefill)."""
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be (batch, seq_len), got shape {tuple(tokens.shape)}")
     if max_new_tokens < 0:
@@ -79,7 +80,7 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
     try:
         seq = tokens
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        logits, _ = model(tokens, 0, kv_cache=use_cache)  # prefill: (B, T, V)
+        logits, _ = model(tokens, 0, kv_cache=use_cache, images=images)  # prefill: (B, T, V)
         for step in range(max_new_tokens):
             nxt = sample_next_token(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator)  # (B,)
@@ -93,18 +94,20 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
                 logits, _ = model(nxt[:, None], T + step, kv_cache=True)  # (B, 1, V)
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits, _ = model(seq, 0, kv_cache=False)  # (B, T + step + 1, V)
+                logits, _ = model(seq, 0, kv_cache=False, images=images)  # (B, T + step + 1, V)
     finally:
         model.train(was_training)
 
 
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_token: int | None = None, use_cache: bool = True) -> torch.Tensor:
+             stop_token: int | None = None, use_cache: bool = True,
+             images: torch.Tensor | None = None) -> torch.Tensor:
     """Continue each row of `tokens` (B, T): returns (B, T + n) with n <= max_new_tokens (fewer when
     every row has emitted `stop_token`; rows that stopped early are padded with it)."""
     new = list(generate_stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, seed=seed, stop_token=stop_token, use_cache=use_cache))
+                               top_p=top_p, seed=seed, stop_token=stop_token, use_cache=use_cache,
+                               images=images))
     if not new:
         return tokens
     return torch.cat([tokens, torch.stack(new, dim=1)], dim=1)
