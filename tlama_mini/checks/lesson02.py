@@ -139,7 +139,8 @@ def check_add_positions(fn) -> None:
     """fn(x (B, T, C), pos_table (P, C), start_pos) -> (B, T, C) = x + pos_table[start_pos:start_pos+T];
     raises ValueError when start_pos + T > P."""
     name = "add_positions"
-    B, T, C = _rand(2, 4), _rand(3, 6), _rand(4, 8)
+    B, C = _rand(2, 4), _rand(4, 8)
+    T = B + _rand(1, 3)  # T != B: a (T, 1, C) slice that broadcasts to (T, T, C) cannot pass for (B, T, C)
     P = T + _rand(6, 10)
     x, table = torch.randn(B, T, C), torch.randn(P, C)
     start = _rand(1, P - T - 1)  # not the last rows: a slice one row too late still has T rows, and is named
