@@ -180,7 +180,8 @@ def test_moe_forward_mistakes():
                 y[token] = out
         return y
 
-    fails_with(check_moe_forward, lambda *a: mix(*a, weight="token"), "crashed with RuntimeError", "weights[token, slot]")
+    fails_with(check_moe_forward, lambda *a: mix(*a, weight="token"), "crashed with RuntimeError",
+               "weights[token, slot]")
     fails_with(check_moe_forward, lambda *a: mix(*a, combine="overwrite"), "overwrites the row")
     fails_with(check_moe_forward, lambda *a: mix(*a, logits=lambda z: torch.softmax(z, -1)), "softmax is applied twice")
 

@@ -161,7 +161,8 @@ def test_cache_update_mistakes():
         keys, _ = cache_update(ck, cv, xk, xv, start_pos)
         return keys, keys
 
-    fails_with(check_cache_update, every_buffer_row, "crashed with RuntimeError", "cache_k[:B, start_pos:start_pos + T]")
+    fails_with(check_cache_update, every_buffer_row, "crashed with RuntimeError",
+               "cache_k[:B, start_pos:start_pos + T]")
     fails_with(check_cache_update, writes_other_rows, "does not use")
     fails_with(check_cache_update, writes_too_far, "past position")
     fails_with(check_cache_update, keys_twice, "(values)", "write xv into cache_v")

@@ -84,7 +84,8 @@ def check_embed_lookup_onehot(fn) -> None:
     if watch.found:
         fail(name, f"the table's rows were looked up directly ({', '.join(sorted(set(watch.found)))}); the exercise "
              "asks for the same result as a matrix product, without indexing the table",
-             "one_hot = F.one_hot(ids, num_classes=table.shape[0]).to(table.dtype)  # (B, T, V); return one_hot @ table")
+             "one_hot = F.one_hot(ids, num_classes=table.shape[0]).to(table.dtype)  # (B, T, V); "
+             "return one_hot @ table")
     expected = F.embedding(ids, table)  # (B, T, C): the lookup table[ids]
     diff = check_tensor(name, out, expected, hint="one-hot rows (B, T, V) times the table (V, C) give (B, T, C)")
     passed(name, f"max abs diff {diff:.1e}, ids {tuple(ids.shape)}, table ({V}, {C})")

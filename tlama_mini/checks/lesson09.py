@@ -195,8 +195,8 @@ def check_top_p_filter(fn) -> None:
             fail(name, *empty_msg)
 
     crash_hint = ("sort descending, softmax, cumsum, drop_sorted = (cumsum - probs) >= p (bool, in sorted order); "
-                  "back to vocabulary order with torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) (scatter "
-                  "needs the same dtype on both sides); then logits.masked_fill(drop, float('-inf'))")
+                  "back to vocabulary order with torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) "
+                  "(scatter needs the same dtype on both sides); then logits.masked_fill(drop, float('-inf'))")
     out = _filtered(name, fn, logits, p, crash_hint)
     expected = top_p_filter(logits, p)
     try:
@@ -211,7 +211,8 @@ def check_top_p_filter(fn) -> None:
     out = _filtered(name, fn, confident, p, crash_hint)
     no_empty_rows(out)
     check_tensor(name + " (a confident distribution)", out, top_p_filter(confident, p), atol=0, rtol=0, hint=hint)
-    check_tensor(name + " (p=1.0)", _filtered(name, fn, logits, 1.0, crash_hint), top_p_filter(logits, 1.0), atol=0, rtol=0)
+    check_tensor(name + " (p=1.0)", _filtered(name, fn, logits, 1.0, crash_hint), top_p_filter(logits, 1.0),
+                 atol=0, rtol=0)
     passed(name, f"max abs diff {diff:.1e} on random logits with V={V}, p={p:.2f}")
 
 
