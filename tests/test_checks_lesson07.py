@@ -1,10 +1,29 @@
-"""The lesson 07 (mixture of experts) checks accept a correct solution and reject typical mistakes by name."""
+"""The lesson 07 (mixture of experts) checks accept a correct solution and reject each typical mistake by name
+on every draw: every wrong solution runs through its check over many seeds."""
+import random
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tlama_mini.checks.common import ExerciseFailed
+from tlama_mini.checks.common import expect_failure_on_every_draw
 from tlama_mini.checks.lesson07 import check_load_balancing_loss, check_moe_forward, check_router_topk
-from tlama_mini.checks.common import expect_failure as fails_with
+
+SEEDS = range(30)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fails_with(check, fn, *words):
+    """`check` rejects `fn` with a message that names the mistake (contains every one of `words`) on every seed."""
+    expect_failure_on_every_draw(check, fn, *words, seeds=SEEDS)
 
 
 # --- correct implementations, written from the formulas (not from tlama_mini)
@@ -29,12 +48,21 @@ def moe_forward(x, gate, experts, k):
     return y
 
 
-def test_correct_solutions_pass(capsys):
-    for _ in range(3):
+def load_balancing_loss_bincount(probs, experts):
+    E = probs.shape[-1]
+    f = torch.bincount(experts.flatten(), minlength=E).float() / experts.numel()
+    return E * (f * probs.mean(0)).sum()
+
+
+def test_correct_solutions_pass_on_every_draw(capsys):
+    for seed in SEEDS:
+        random.seed(seed)
+        torch.manual_seed(seed)
         check_router_topk(router_topk)
         check_load_balancing_loss(load_balancing_loss)
+        check_load_balancing_loss(load_balancing_loss_bincount)
         check_moe_forward(moe_forward)
-    assert capsys.readouterr().out.count("✓") == 9
+    assert capsys.readouterr().out.count("✓") == 4 * len(SEEDS)
 
 
 
@@ -50,6 +78,27 @@ def test_router_topk_mistakes():
         return torch.softmax(top, -1), idx
 
     fails_with(check_router_topk, second_softmax, "second softmax", "divide them by their sum")
+
+    def softmax_over_tokens(logits, k):
+        top, idx = torch.softmax(logits, 0).topk(k, -1)
+        return top / top.sum(-1, keepdim=True), idx
+
+    fails_with(check_router_topk, softmax_over_tokens, "wrong dimension (tokens, dim 0)")
+    fails_with(check_router_topk, lambda l, k: router_topk(l, 2), "experts per token, expected k =")
+    fails_with(check_router_topk, lambda l, k: router_topk(l, k)[::-1], "indices have dtype")
+    fails_with(check_router_topk, lambda l, k: torch.softmax(l, -1).topk(k, 0), "indices have shape")
+
+    def renormalised_over_tokens(logits, k):
+        top, idx = torch.softmax(logits, -1).topk(k, -1)
+        return top / top.sum(0, keepdim=True), idx
+
+    fails_with(check_router_topk, renormalised_over_tokens, "values differ")
+
+    def sums_a_list(logits, k):  # a crash inside the learner's code: sum over a tensor needs dim, not a list index
+        top, idx = torch.softmax(logits, -1).topk(k, -1)
+        return top / top.sum(-1, keepdims=[True]), idx
+
+    fails_with(check_router_topk, sums_a_list, "crashed with TypeError", "probs.topk(k, dim=-1)")
 
 
 def test_load_balancing_loss_mistakes():
@@ -69,6 +118,29 @@ def test_load_balancing_loss_mistakes():
         return load_balancing_loss(p, e) * e.shape[1]
 
     fails_with(check_load_balancing_loss, per_token, "N * k")
+
+    def counts_without_minlength(p, e):  # right whenever every expert is chosen; the check starves one in every draw
+        f = torch.bincount(e.flatten()).float() / e.numel()
+        return p.shape[-1] * (f * p.mean(0)).sum()
+
+    def one_hot_without_num_classes(p, e):
+        return p.shape[-1] * (F.one_hot(e.flatten()).float().mean(0) * p.mean(0)).sum()
+
+    fails_with(check_load_balancing_loss, counts_without_minlength, "crashed", "minlength=E")
+    fails_with(check_load_balancing_loss, one_hot_without_num_classes, "crashed", "num_classes=E")
+    fails_with(check_load_balancing_loss, lambda p, e: load_balancing_loss(p, e).item(), "Python float", "no .item()")
+
+    def f_twice(p, e):
+        f = torch.bincount(e.flatten(), minlength=p.shape[-1]).float() / e.numel()
+        return p.shape[-1] * (f * f).sum()
+
+    def P_twice(p, e):
+        P = p.mean(0)
+        return p.shape[-1] * (P * P).sum()
+
+    fails_with(check_load_balancing_loss, f_twice, "f_e is used twice")
+    fails_with(check_load_balancing_loss, P_twice, "P_e is used twice")
+    fails_with(check_load_balancing_loss, lambda p, e: load_balancing_loss(p, e) * p.shape[0], "sums the probabilities")
 
 
 def test_moe_forward_mistakes():
@@ -92,6 +164,32 @@ def test_moe_forward_mistakes():
 
     fails_with(check_moe_forward, not_renormalised, "not renormalised")
     fails_with(check_moe_forward, lambda x, gate, experts, k: moe_forward(x, gate, experts, 1), "top-1")
+
+    def mix(x, gate, experts, k, *, logits=lambda z: z, combine="add", weight="slot"):
+        weights, idx = router_topk(logits(gate(x)), k)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(experts):
+            token, slot = torch.where(idx == e)
+            if not token.numel():
+                continue
+            w = weights[token, slot, None] if weight == "slot" else weights[token]  # the latter (n, k): no slot
+            out = w * expert(x[token])
+            if combine == "add":
+                y.index_add_(0, token, out)
+            else:
+                y[token] = out
+        return y
+
+    fails_with(check_moe_forward, lambda *a: mix(*a, weight="token"), "crashed with RuntimeError",
+               "weights[token, slot]")
+    fails_with(check_moe_forward, lambda *a: mix(*a, combine="overwrite"), "overwrites the row")
+    fails_with(check_moe_forward, lambda *a: mix(*a, logits=lambda z: torch.softmax(z, -1)), "softmax is applied twice")
+
+    def dense(x, gate, experts, k):  # every expert mixed with its full-softmax probability
+        probs = torch.softmax(gate(x), -1)
+        return sum(probs[:, e, None] * expert(x) for e, expert in enumerate(experts))
+
+    fails_with(check_moe_forward, dense, "dense mixture")
 
 
 def test_a_stub_called_by_moe_forward_is_named():

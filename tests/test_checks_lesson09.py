@@ -1,14 +1,43 @@
-"""The lesson 09 (KV cache and generation) checks accept a correct solution and reject typical
-mistakes by name."""
+"""The lesson 09 (KV cache and generation) checks accept a correct solution and reject each typical mistake by
+name on every draw: every wrong solution runs through its check over many seeds."""
+import random
+
 import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed
+from tlama_mini.checks.common import expect_failure
 from tlama_mini.checks.lesson09 import (check_cache_update, check_sample_loop, check_top_k_filter,
                                         check_top_p_filter)
-from tlama_mini.checks.common import expect_failure as fails_with
 
 NEG_INF = float("-inf")
+SEEDS = range(30)
+SEEDS_MODEL = range(12)  # check_sample_loop builds a model on every call
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fails_with_all_seeds(check, fn, *words, seeds=SEEDS):
+    """`check` rejects `fn` with a message that names the mistake (contains every one of `words`) on every seed;
+    returns the last message."""
+    message = ""
+    for seed in seeds:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            message = expect_failure(check, fn, *words)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}: {e}") from None
+    return message
+
+
+fails_with = fails_with_all_seeds
 
 
 # --- correct implementations, written from the definitions (not from tlama_mini)
@@ -49,13 +78,16 @@ def sample_loop(model, tokens, n, *, first_pos=lambda T, i: T + i, whole=False):
     return seq
 
 
-def test_correct_solutions_pass(capsys):
-    for _ in range(3):
+def test_correct_solutions_pass_on_every_draw(capsys):
+    for seed in SEEDS:
+        random.seed(seed)
+        torch.manual_seed(seed)
         check_cache_update(cache_update)
         check_top_k_filter(top_k_filter)
         check_top_p_filter(top_p_filter)
-        check_sample_loop(sample_loop)
-    assert capsys.readouterr().out.count("✓") == 12
+        if seed in SEEDS_MODEL:
+            check_sample_loop(sample_loop)
+    assert capsys.readouterr().out.count("✓") == 3 * len(SEEDS) + len(SEEDS_MODEL)
 
 
 def test_filters_that_work_on_a_copy_pass(capsys):
@@ -108,6 +140,33 @@ def test_cache_update_mistakes():
 
     fails_with(check_cache_update, one_new_token, "start_pos + 1", "T = xk.shape[1]", "not 1")
 
+    def every_buffer_row(ck, cv, xk, xv, start_pos):  # crashes: B < B_max rows cannot fill every buffer row
+        B, T = xk.shape[:2]
+        ck[:, start_pos:start_pos + T], cv[:, start_pos:start_pos + T] = xk, xv
+        return ck[:B, :start_pos + T], cv[:B, :start_pos + T]
+
+    def writes_other_rows(ck, cv, xk, xv, start_pos):  # fills the unused rows too (what a batch of 1 broadcast does)
+        B, T = xk.shape[:2]
+        cache_update(ck, cv, xk, xv, start_pos)
+        ck[B:, start_pos:start_pos + T], cv[B:, start_pos:start_pos + T] = xk[:1], xv[:1]
+        return ck[:B, :start_pos + T], cv[:B, :start_pos + T]
+
+    def writes_too_far(ck, cv, xk, xv, start_pos):  # the right keys returned, but one position too many written
+        B, T = xk.shape[:2]
+        cache_update(ck, cv, xk, xv, start_pos)
+        ck[:B, start_pos + T], cv[:B, start_pos + T] = xk[:, -1], xv[:, -1]
+        return ck[:B, :start_pos + T], cv[:B, :start_pos + T]
+
+    def keys_twice(ck, cv, xk, xv, start_pos):
+        keys, _ = cache_update(ck, cv, xk, xv, start_pos)
+        return keys, keys
+
+    fails_with(check_cache_update, every_buffer_row, "crashed with RuntimeError",
+               "cache_k[:B, start_pos:start_pos + T]")
+    fails_with(check_cache_update, writes_other_rows, "does not use")
+    fails_with(check_cache_update, writes_too_far, "past position")
+    fails_with(check_cache_update, keys_twice, "(values)", "write xv into cache_v")
+
 
 def test_top_k_filter_mistakes():
     def k_plus_one(logits, k):
@@ -132,6 +191,17 @@ def test_top_k_filter_mistakes():
 
     fails_with(check_top_k_filter, in_place, "`logits` was modified in place", "new tensor", "masked_fill")
     fails_with(check_top_k_filter, assigns, "modified in place")
+
+    def kth_without_keepdim(logits, k):  # (B,) against (B, V): a broadcasting crash inside the learner's code
+        return logits.masked_fill(logits < logits.topk(k, dim=-1).values[:, -1], NEG_INF)
+
+    def over_the_batch(logits, k):  # top-k over dim 0 (the batch): crashes when k > B, wrong otherwise
+        return logits.masked_fill(logits < logits.topk(k, dim=0).values[-1:], NEG_INF)
+
+    fails_with(check_top_k_filter, kth_without_keepdim, "crashed with RuntimeError", "(B, 1)")
+    fails_with(check_top_k_filter, over_the_batch, "dim=-1")
+    fails_with(check_top_k_filter, lambda logits, k: logits.masked_fill(logits >= logits.topk(k, -1).values[:, -1:],
+                                                                        NEG_INF), "swapped")
 
 
 def test_top_p_filter_mistakes():
@@ -175,8 +245,33 @@ def test_top_p_filter_mistakes():
                              "vocabulary order", "scatter")
         assert "3.4e+38" not in message
 
+    def scattered_into_floats(logits, p):  # scatter(bool src) into a float tensor: a dtype crash
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        drop = torch.cumsum(probs, -1) - probs >= p
+        return logits.masked_fill(torch.zeros_like(logits).scatter(-1, order, drop), NEG_INF)
+
+    def swapped(logits, p):
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        drop = torch.cumsum(probs, -1) - probs < p
+        return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), NEG_INF)
+
+    def gathered_back(logits, p):  # gather with the sort order is not its inverse: the wrong tokens
+        srt, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(srt, -1)
+        drop = torch.cumsum(probs, -1) - probs >= p
+        return logits.masked_fill(drop.gather(-1, order), NEG_INF)
+
+    fails_with(check_top_p_filter, scattered_into_floats, "crashed with RuntimeError", "same dtype")
+    fails_with(check_top_p_filter, swapped, "swapped")
+    fails_with(check_top_p_filter, gathered_back, "not the most likely ones")
+
 
 def test_sample_loop_mistakes():
+    def fails_with(check, fn, *words):
+        return fails_with_all_seeds(check, fn, *words, seeds=SEEDS_MODEL)
+
     fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, whole=True), "whole sequence again")
     fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, first_pos=lambda T, i: 0), "start_pos=0")
     fails_with(check_sample_loop, lambda m, t, n: sample_loop(m, t, n, first_pos=lambda T, i: T + i + 1),
@@ -193,3 +288,22 @@ def test_sample_loop_mistakes():
         return seq
 
     fails_with(check_sample_loop, uncached, "kv_cache=False")
+
+    def decode(m, t, n, *, pair=True, feed=lambda nxt: nxt[:, None], pick=lambda logits: logits[:, -1]):
+        T = t.shape[1]
+        out = m(t, 0)
+        logits = out[0] if pair else out
+        seq = t
+        for i in range(n):
+            nxt = pick(logits).argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            if i < n - 1:
+                logits, _ = m(feed(nxt), T + i)
+        return seq
+
+    fails_with(check_sample_loop, lambda m, t, n: decode(m, t, n, pair=False), "crashed with TypeError",
+               "returns a pair")
+    fails_with(check_sample_loop, lambda m, t, n: decode(m, t, n, feed=lambda nxt: nxt), "tokens of shape (2,)",
+               "(B, 1)")
+    fails_with(check_sample_loop, lambda m, t, n: decode(m, t, n, pick=lambda logits: logits[:, 0]), "*last* position")
+    fails_with(check_sample_loop, lambda m, t, n: decode(m, t, n)[:, :-1], "shape")

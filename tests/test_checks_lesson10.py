@@ -1,12 +1,40 @@
-"""The lesson 10 (training a GPT) checks accept a correct solution and reject typical mistakes by name."""
+"""The lesson 10 (training a GPT) checks accept a correct solution and reject each typical mistake by name on
+every draw: every wrong solution runs through its check over many seeds (fewer for the checks that train a model)."""
 import math
+import random
 
 import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed
+from tlama_mini.checks.common import ExerciseFailed, expect_failure
 from tlama_mini.checks.lesson10 import check_bits_per_char, check_evaluate, check_lr_at, check_train_step
-from tlama_mini.checks.common import expect_failure as fails_with
+
+SEEDS = range(30)
+SEEDS_MODEL = range(6)  # check_train_step and check_evaluate build and train a model on every call
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fails_with(check, fn, *words):
+    """`check` rejects `fn` with a message that names the mistake (contains every one of `words`) on every seed;
+    returns the last message."""
+    seeds = SEEDS_MODEL if check in (check_train_step, check_evaluate) else SEEDS
+    message = ""
+    for seed in seeds:
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            message = expect_failure(check, fn, *words)
+        except AssertionError as e:
+            raise AssertionError(f"seed {seed}: {e}") from None
+    return message
 
 
 # --- correct implementations, written from the definitions (not from tlama_mini)
@@ -58,13 +86,16 @@ def evaluate(model, batches):
     return total / count
 
 
-def test_correct_solutions_pass(capsys):
-    for _ in range(3):
+def test_correct_solutions_pass_on_every_draw(capsys):
+    for seed in SEEDS:
+        random.seed(seed)
+        torch.manual_seed(seed)
         check_bits_per_char(bits_per_char)
         check_lr_at(lr_at)
-        check_train_step(train_step)
-        check_evaluate(evaluate)
-    assert capsys.readouterr().out.count("✓") == 12
+        if seed in SEEDS_MODEL:
+            check_train_step(train_step)
+            check_evaluate(evaluate)
+    assert capsys.readouterr().out.count("✓") == 2 * len(SEEDS) + 2 * len(SEEDS_MODEL)
 
 
 def test_equivalent_variants_pass(capsys):
@@ -95,6 +126,9 @@ def test_bits_per_char_mistakes():
     fails_with(check_bits_per_char, lambda loss: math.exp(loss), "perplexity")
     fails_with(check_bits_per_char, lambda loss: loss, "expected")
     fails_with(check_bits_per_char, lambda loss: None, "returned NoneType")
+    fails_with(check_bits_per_char, lambda loss: loss / math.log(10), "ln 10")
+    fails_with(check_bits_per_char, lambda loss: loss / math.log2(math.e), "multiplied by ln 2")  # = loss * ln 2
+    fails_with(check_bits_per_char, lambda loss: loss / torch.log(2), "crashed with TypeError", "math.log(2)")
 
 
 def test_lr_at_mistakes():
@@ -142,6 +176,11 @@ def test_lr_at_mistakes():
     assert step == max_steps - 1, f"the last decay step differs most, not step {step}: {message}"
     fails_with(check_lr_at, floor_not_subtracted, "scales max_lr instead of (max_lr - min_lr)")
 
+    def cosine_of_a_tensor_list(step, max_lr, min_lr, warmup_steps, max_steps):  # a crash inside the learner's code
+        return lr_at(step, max_lr, min_lr, warmup_steps, max_steps) if step < warmup_steps else math.cos([step])
+
+    fails_with(check_lr_at, cosine_of_a_tensor_list, "crashed with TypeError", "math.cos")
+
 
 def test_train_step_mistakes():
     def no_step(model, optimizer, batches, grad_accum, clip):
@@ -160,6 +199,15 @@ def test_train_step_mistakes():
     fails_with(check_train_step, lambda *a: train_step(*a, clip_when="always"), "clip=0 means 'no clipping'")
     fails_with(check_train_step, no_step, "did not change")
     fails_with(check_train_step, returns_sum, "sum of the")
+
+    def targets_by_position(model, optimizer, batches, grad_accum, clip):  # model(x, y): y lands in start_pos
+        optimizer.zero_grad()
+        for x, y in batches:
+            (model(x, y)[1] / grad_accum).backward()
+        optimizer.step()
+        return 0.0
+
+    fails_with(check_train_step, targets_by_position, "crashed", "targets=y")
 
 
 def test_evaluate_mistakes():
@@ -192,3 +240,13 @@ def test_evaluate_mistakes():
     fails_with(check_evaluate, unweighted, "without weights")
     fails_with(check_evaluate, by_rows, "weighted by rows")
     fails_with(check_evaluate, lambda m, b: evaluate(m, b[-1:]), "last batch only")
+
+    def targets_by_position(model, batches):
+        model.eval()
+        with torch.no_grad():
+            losses = [model(x, y)[1].item() for x, y in batches]
+        model.train()
+        return sum(losses) / len(losses)
+
+    fails_with(check_evaluate, targets_by_position, "crashed", "targets=y")
+    fails_with(check_evaluate, lambda m, b: sum(evaluate(m, [bb]) for bb in b), "sum of the batch losses")

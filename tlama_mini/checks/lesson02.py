@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ..embeddings import add_positions, position_shift_matrix, sinusoidal_positions
-from .common import attributes_stubs, check_tensor, fail, passed
+from .common import attributes_stubs, call, check_tensor, fail, passed
 
 # Only the checks: `from tlama_mini.checks.lesson02 import *` must not hand the reference solutions to the learner.
 __all__ = ["check_add_positions", "check_embed_lookup_onehot", "check_position_shift_matrix",
@@ -26,19 +27,51 @@ def _float32(name: str, out: object, what: str) -> None:
              "(twice the memory, and slower)")
 
 
+class _Lookups(TorchFunctionMode):
+    """Watches the torch functions called inside and keeps those that read rows of `table` directly (indexing
+    it with a tensor, F.embedding, index_select, gather): the lookup the exercise asks to replace by a matmul."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table, self.found = table, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        operands = list(args) + list(kwargs.values())
+        name = getattr(func, "__name__", str(func))
+        if any(a is self.table for a in operands):
+            if name == "__getitem__" and len(args) > 1 and args[0] is self.table and any(
+                    isinstance(i, torch.Tensor) for i in (args[1] if isinstance(args[1], tuple) else (args[1],))):
+                self.found.append("table[ids]")
+            elif name in ("embedding", "index_select", "gather", "take", "take_along_dim"):
+                self.found.append(name)
+        return func(*args, **kwargs)
+
+
 @attributes_stubs
 def check_embed_lookup_onehot(fn) -> None:
-    """fn(ids (B, T) int64, table (V, C) float) -> (B, T, C), computed as one_hot(ids) @ table."""
+    """fn(ids (B, T) int64, table (V, C) float) -> (B, T, C), computed as one_hot(ids) @ table: the exercise's
+    rule (no lookup of the table's rows) is watched."""
     name = "embed_lookup_onehot"
-    B, T, V, C = _rand(2, 3), _rand(4, 7), _rand(10, 20), _rand(5, 9)
+    B, T, C = _rand(2, 3), _rand(4, 7), _rand(5, 9)
+    V = _rand(C + 4, 20)  # V - 3 > C
     table = torch.randn(V, C)
     ids = torch.randint(0, V - 2, (B, T))  # the largest ids never occur: F.one_hot(ids) alone is too narrow
+    ids[0, 0] = V - 3                       # and an id >= C always occurs: num_classes = C is refused
+    watch = _Lookups(table)
     try:
-        out = fn(ids, table)
+        with watch:
+            out = fn(ids, table)
     except NotImplementedError:  # a RuntimeError too, but the stub: the exercise is still to do
         raise
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError, IndexError) as err:
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "one_hot" in msg:
+            fail(name, f"F.one_hot failed: {msg}", "F.one_hot takes the int64 ids themselves (not a float "
+                 "tensor) and num_classes = V = table.shape[0]")
+        if "num_classes" in msg or "class values" in msg.lower():
+            fail(name, f"F.one_hot failed: {msg}", f"num_classes is the vocabulary size V = table.shape[0] = {V} "
+                 f"(the table's rows), not table.shape[1] = {C} (its width)")
         if "dtype" in msg or "Long" in msg:
             fail(name, f"the matmul failed: {msg}",
                  "F.one_hot returns int64; convert it with .to(table.dtype) before multiplying")
@@ -46,11 +79,13 @@ def check_embed_lookup_onehot(fn) -> None:
             fail(name, f"the matmul failed: {msg}",
                  "the one-hot needs V columns: F.one_hot(ids) alone makes only max(ids) + 1, so pass "
                  "num_classes=table.shape[0]; then multiply by the table (V, C) as it is, not transposed")
-        if "num_classes" in msg:
-            fail(name, f"F.one_hot failed: {msg}", f"num_classes is the vocabulary size V = table.shape[0] = {V} "
-                 f"(the table's rows), not table.shape[1] = {C} (its width)")
-        fail(name, f"crashed with RuntimeError: {msg}", "F.one_hot(ids, num_classes=table.shape[0]).to(table.dtype) "
-             "@ table")
+        fail(name, f"crashed with {type(err).__name__}: {msg}", "F.one_hot(ids, num_classes=table.shape[0])"
+             ".to(table.dtype) @ table")
+    if watch.found:
+        fail(name, f"the table's rows were looked up directly ({', '.join(sorted(set(watch.found)))}); the exercise "
+             "asks for the same result as a matrix product, without indexing the table",
+             "one_hot = F.one_hot(ids, num_classes=table.shape[0]).to(table.dtype)  # (B, T, V); "
+             "return one_hot @ table")
     expected = F.embedding(ids, table)  # (B, T, C): the lookup table[ids]
     diff = check_tensor(name, out, expected, hint="one-hot rows (B, T, V) times the table (V, C) give (B, T, C)")
     passed(name, f"max abs diff {diff:.1e}, ids {tuple(ids.shape)}, table ({V}, {C})")
@@ -62,7 +97,8 @@ def check_sinusoidal_positions(fn) -> None:
     w_i = 10000 ** (-2i / dim)."""
     name = "sinusoidal_positions"
     n_pos, dim = _rand(30, 60), 2 * _rand(4, 12)  # n_pos > dim: a transposed table has the wrong shape
-    out = fn(n_pos, dim)
+    out = call(name, fn, n_pos, dim, hint="angles (n_pos, dim/2) = positions (n_pos, 1) * frequencies (dim/2,): "
+               "give the positions a trailing dimension ([:, None]) so that they broadcast")
     expected = sinusoidal_positions(n_pos, dim)
     _float32(name, out, "a position table")
     p = torch.arange(n_pos, dtype=torch.float64)[:, None]   # (P, 1)
@@ -104,16 +140,29 @@ def check_add_positions(fn) -> None:
     """fn(x (B, T, C), pos_table (P, C), start_pos) -> (B, T, C) = x + pos_table[start_pos:start_pos+T];
     raises ValueError when start_pos + T > P."""
     name = "add_positions"
-    B, T, C = _rand(2, 4), _rand(3, 6), _rand(4, 8)
+    B, C = _rand(2, 4), _rand(4, 8)
+    T = B + _rand(1, 3)  # T != B: a (T, 1, C) slice that broadcasts to (T, T, C) cannot pass for (B, T, C)
     P = T + _rand(6, 10)
     x, table = torch.randn(B, T, C), torch.randn(P, C)
-    start = _rand(1, P - T)
+    start = _rand(1, P - T - 1)  # not the last rows: a slice one row too late still has T rows, and is named
     x_before = x.clone()
 
     def fitting(start_pos: int) -> object:  # fn on positions that fit the table: no ValueError allowed
+        class Refused(Exception):  # the learner's ValueError, kept apart from the crashes `call` reports
+            pass
+
+        def run() -> object:
+            try:
+                return fn(x, table, start_pos)
+            except ValueError as e:
+                raise Refused(e) from None
+
         try:
-            return fn(x, table, start_pos)
-        except ValueError as e:
+            return call(name + f" (start_pos={start_pos})", run,
+                        hint=f"rows start_pos .. start_pos + T - 1 of the table: pos_table[start_pos:start_pos + T] "
+                        f"is (T, C) = ({T}, {C}) and broadcasts against x (B, T, C)")
+        except Refused as refused:
+            e = refused.args[0]
             exact = " exactly" if start_pos + T == P else ""
             fail(name, f"start_pos={start_pos} with T={T} uses rows {start_pos}..{start_pos + T - 1} of a table of "
                  f"{P} rows, which fits{exact}, but it raised ValueError({e})",
@@ -126,9 +175,8 @@ def check_add_positions(fn) -> None:
         "start_pos is ignored: x starts at row start_pos of the table, not row 0": lambda: x + table[:T],
         "only the positions are returned; add them to x": lambda: table[start:start + T].expand(B, T, C),
     }
-    if start + T + 1 <= P:
-        mistakes["the table is sliced one row too late (rows start_pos+1 .. start_pos+T)"] = \
-            lambda: x + table[start + 1:start + T + 1]
+    mistakes["the table is sliced one row too late (rows start_pos+1 .. start_pos+T)"] = \
+        lambda: x + table[start + 1:start + T + 1]
     diff = check_tensor(name, out, add_positions(x, table, start), mistakes=mistakes,
                         hint="x (B, T, C) + pos_table[start_pos:start_pos + T] (T, C) broadcasts over B")
     check_tensor(name + " (start_pos=0)", fitting(0), add_positions(x, table, 0))
@@ -150,8 +198,9 @@ def check_add_positions(fn) -> None:
 def check_position_shift_matrix(fn) -> None:
     """fn(k, dim) -> M (dim, dim) with pe[p + k] = M @ pe[p] for the interleaved sinusoidal table."""
     name = "position_shift_matrix"
-    k, dim = _rand(1, 12), 2 * _rand(3, 8)
-    M = fn(k, dim)
+    k, dim = _rand(2, 12), 2 * _rand(3, 8)  # k >= 2: a matrix that moves by 1 whatever k is shows
+    M = call(name, fn, k, dim, hint="one 2x2 block [[cos b, sin b], [-sin b, cos b]] per pair, as a tensor, and "
+             "torch.block_diag(*blocks) (it takes tensors, one argument per block)")
     expected = position_shift_matrix(k, dim)
     _float32(name, M, "a matrix")
 
@@ -169,8 +218,6 @@ def check_position_shift_matrix(fn) -> None:
         "M is transposed: this matrix moves *back* k positions (pe[p - k] = M @ pe[p])": expected.T.contiguous(),
         "M moves by 1 position whatever k is (the angle of pair i is k * w_i)": position_shift_matrix(1, dim),
     }
-    if k == 1:
-        mistakes.pop("M moves by 1 position whatever k is (the angle of pair i is k * w_i)")
     diff = check_tensor(name, M, expected, atol=1e-4, mistakes=mistakes,
                         hint="pair (sin a, cos a) -> (sin(a+b), cos(a+b)) with b = k w_i: "
                              "sin(a+b) = sin a cos b + cos a sin b, cos(a+b) = cos a cos b - sin a sin b")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..moe import MoE, load_balancing_loss, moe_loop, route
-from .common import attributes_stubs, check_tensor, fail, passed
+from .common import attributes_stubs, call, check_tensor, fail, passed
 
 __all__ = ["check_router_topk", "check_load_balancing_loss", "check_moe_forward"]
 
@@ -29,6 +29,9 @@ def _pair(name: str, out: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_indices(name: str, idx: Any, expected: torch.Tensor, logits: torch.Tensor, k: int) -> None:
     if not isinstance(idx, torch.Tensor):
         fail(name, f"indices: returned {type(idx).__name__}, expected a torch.Tensor")
+    if idx.dim() == 2 and idx.shape[0] == expected.shape[0] and idx.shape[1] != k:
+        fail(name, f"indices have shape {tuple(idx.shape)}: {idx.shape[1]} experts per token, expected k = {k}",
+             "use the k passed in: probs.topk(k, dim=-1)")
     if idx.shape != expected.shape:
         fail(name, f"indices have shape {tuple(idx.shape)}, expected {tuple(expected.shape)} (N, k)",
              "take the top-k over the experts, the last dim")
@@ -41,6 +44,9 @@ def _check_indices(name: str, idx: Any, expected: torch.Tensor, logits: torch.Te
                    "(torch.topk does this)")
     if torch.equal(idx.long(), logits.topk(k, -1, largest=False).indices):
         fail(name, "it picks the k *lowest*-scoring experts: the router sends each token to its highest scores")
+    if torch.equal(idx.long(), torch.softmax(logits, 0).topk(k, -1).indices):
+        fail(name, "the experts are chosen from a softmax over the wrong dimension (tokens, dim 0): the softmax is "
+             "over the experts, dim -1", "probs = torch.softmax(logits, dim=-1)")
     fail(name, "the chosen experts differ from the top-k of the router probabilities")
 
 
@@ -52,7 +58,9 @@ def check_router_topk(fn) -> None:
     N, E, k = random.randint(5, 12), random.choice([4, 6, 8]), random.choice([2, 3])
     logits = torch.randn(N, E) * 1.5
     weights_ref, experts_ref, probs = route(logits, k)  # (N, k), (N, k), (N, E)
-    w, idx = _pair(name, fn(logits.clone(), k))
+    hint = ("probs = softmax(logits, dim=-1) (N, E); weights, indices = probs.topk(k, dim=-1) (N, k) each; "
+            "weights / weights.sum(-1, keepdim=True)")
+    w, idx = _pair(name, call(name, fn, logits.clone(), k, hint=hint))
     _check_indices(name, idx, experts_ref, logits, k)
     top_logits = logits.gather(-1, experts_ref)  # (N, k)
     wrong_dim = torch.softmax(logits, 0).gather(-1, experts_ref)
@@ -73,7 +81,7 @@ def check_router_topk(fn) -> None:
     if not isinstance(w, torch.Tensor) or w.shape != weights_ref.shape:
         fail(name, f"weights: expected a tensor of shape {tuple(weights_ref.shape)} (N, k)")
     diff = check_tensor(name + " (weights)", w.float(), weights_ref, mistakes=mistakes)
-    w1, idx1 = _pair(name, fn(logits.clone(), 1))
+    w1, idx1 = _pair(name, call(name + " (k=1)", fn, logits.clone(), 1, hint=hint))
     _check_indices(name + " (k=1)", idx1, logits.argmax(-1, keepdim=True), logits, 1)
     check_tensor(name + " (k=1)", w1.float(), torch.ones(N, 1), hint="with k=1 the renormalised weight is always 1")
     passed(name, f"max abs diff {diff:.1e} with N={N}, E={E}, k={k}")
@@ -85,7 +93,9 @@ def check_load_balancing_loss(fn) -> None:
     scalar E * sum_e f_e * P_e (Switch Transformer), differentiable with respect to probs."""
     name = "load_balancing_loss"
     N, E, k = random.randint(16, 40), random.choice([4, 8]), 2
-    probs = torch.softmax(torch.randn(N, E) * 1.5, -1)  # (N, E)
+    scores = torch.randn(N, E) * 1.5
+    scores[:, -1] -= 10.0  # no token chooses the last expert: its count is 0, and counts must still have E entries
+    probs = torch.softmax(scores, -1)                  # (N, E)
     experts = probs.topk(k, -1).indices                # (N, k)
     ref_p = probs.clone().requires_grad_()
     expected = load_balancing_loss(ref_p, experts)     # ()
@@ -108,7 +118,12 @@ def check_load_balancing_loss(fn) -> None:
         "P_e sums the probabilities over tokens instead of averaging them": expected.detach() * N,
     }
     p = probs.clone().requires_grad_()
-    out = fn(p, experts.clone())
+    out = call(name, fn, p, experts.clone(),
+               hint=f"no token chose expert {E - 1} here, so torch.bincount(experts.flatten()) alone has only "
+               f"{E - 1} entries: pass minlength=E (or num_classes=E to F.one_hot) so that f has one count per expert")
+    if isinstance(out, (float, int)):
+        fail(name, f"returned a Python {type(out).__name__}, expected a 0-dim tensor: the loss must stay a tensor to "
+             "be differentiable", "no .item() or float(...): return E * (f * P).sum()")
     if isinstance(out, torch.Tensor) and out.shape != ():
         fail(name, f"returned shape {tuple(out.shape)}, expected a scalar (0-dim) tensor",
              "sum over the experts: E * (f * P).sum()")
@@ -123,7 +138,8 @@ def check_load_balancing_loss(fn) -> None:
     m = 3
     uniform = torch.full((m * E, E), 1.0 / E)
     rr = torch.stack([torch.arange(m * E) % E, (torch.arange(m * E) + 1) % E], -1)  # (m E, 2)
-    check_tensor(name + " (perfectly balanced)", fn(uniform, rr), torch.tensor(1.0),
+    check_tensor(name + " (perfectly balanced)", call(name + " (perfectly balanced)", fn, uniform, rr),
+                 torch.tensor(1.0),
                  hint="a perfectly balanced router must give exactly 1.0")
     passed(name, f"value and gradient match (max abs diff {diff:.1e}) with N={N}, E={E}, k={k}; balanced -> 1.0")
 
@@ -139,6 +155,16 @@ def _mix(x: torch.Tensor, experts: list, weights: torch.Tensor, idx: torch.Tenso
     """sum_j weights[n, j] * experts[idx[n, j]](x[n]) for every token n, the slow and obvious way."""
     return torch.stack([sum(weights[n, j] * experts[int(idx[n, j])](x[n:n + 1])[0] for j in range(idx.shape[1]))
                         for n in range(x.shape[0])])
+
+
+def _overwrite(x: torch.Tensor, experts: list, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The mix when each expert's weighted output overwrites its tokens' rows: the last expert (by id) wins."""
+    y = torch.zeros_like(x)
+    for e in range(len(experts)):
+        token, slot = torch.where(idx == e)
+        if token.numel():
+            y[token] = weights[token, slot, None] * experts[e](x[token])
+    return y
 
 
 @attributes_stubs
@@ -172,8 +198,16 @@ def check_moe_forward(fn) -> None:
             "only the top-1 expert is used: mix the top k": lambda: _mix(x, experts, *route(logits, 1)[:2]),
             "every expert is mixed with the full softmax (a dense mixture): keep only the top k":
                 lambda: _mix(x, experts, probs, torch.arange(E).expand(N, E)),
+            "the softmax is applied twice: router_topk already turns the logits into probabilities, so give it "
+            "gate(x) itself": lambda: _mix(x, experts, *route(torch.softmax(logits, -1), k)[:2]),
+            "each expert's output overwrites the row (y[token] = ...) instead of adding to it, so a token keeps "
+            "only its highest-numbered expert: add (y.index_add_(0, token, ...) or y[token] += ...)":
+                lambda: _overwrite(x, experts, w, idx),
         }
-        out = fn(x.clone(), moe.gate, experts, k)
+        out = call(name, fn, x.clone(), moe.gate, experts, k,
+                   hint="for expert e: token, slot = torch.where(indices == e); its weights are weights[token, slot] "
+                   "(one per token, shape (n,)), so multiply with [:, None] against the expert's output (n, C), then "
+                   "y.index_add_(0, token, ...)")
     diff = check_tensor(name, out, expected, mistakes=mistakes,
                         hint="y[n] = sum_j weights[n, j] * experts[indices[n, j]](x[n]), with the weights "
                              "renormalised over the top k")

@@ -9,17 +9,18 @@ from ..config import TlamaConfig
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..sample import generate, top_k_filter, top_p_filter
-from .common import ExerciseFailed, attributes_stubs, check_tensor, check_unchanged, fail, passed
+from .common import ExerciseFailed, attributes_stubs, call, check_tensor, check_unchanged, fail, passed
 
 __all__ = ["check_cache_update", "check_top_k_filter", "check_top_p_filter", "check_sample_loop"]
 
 NEG_INF = float("-inf")
 
 
-def _filtered(name: str, fn, logits: torch.Tensor, arg: float) -> object:
-    """fn(a copy of logits, arg), failing if fn wrote into that copy: the filters must return a new tensor."""
+def _filtered(name: str, fn, logits: torch.Tensor, arg: float, hint: str) -> object:
+    """fn(a copy of logits, arg), failing if fn wrote into that copy: the filters must return a new tensor.
+    A crash inside fn is reported with `hint`."""
     given = logits.clone()
-    out = fn(given, arg)
+    out = call(name, fn, given, arg, hint=hint)
     check_unchanged(name, given, logits, "the input `logits`",
                     "use logits.masked_fill(drop, float('-inf')) (no trailing underscore: masked_fill_ and "
                     "logits[drop] = ... write into the caller's tensor), or work on logits.clone()")
@@ -33,7 +34,8 @@ def check_cache_update(fn) -> None:
     0..start_pos+T-1 of the first B rows: two tensors (B, start_pos + T, K, D)."""
     name = "cache_update"
     B_max, S_max, K, D = 4, 32, 2, 8
-    B = int(torch.randint(1, B_max, ()))                  # fewer rows than the buffer holds
+    B = int(torch.randint(2, B_max, ()))                  # fewer rows than the buffer holds, and more than 1 (a
+    #                                                       batch of 1 would broadcast into every buffer row)
     start_pos = int(torch.randint(6, 12, ()))             # some positions are already cached
     T = int(torch.randint(2, 6, ()))                      # < start_pos + 1: the wrong shapes differ
     ref = KVCache(B_max, S_max, K, D)
@@ -44,7 +46,9 @@ def check_cache_update(fn) -> None:
     xk, xv = torch.randn(B, T, K, D), torch.randn(B, T, K, D)
     exp_k, exp_v = (t.clone() for t in ref.update(start_pos, xk, xv))
 
-    out = fn(cache_k, cache_v, xk, xv, start_pos)
+    out = call(name, fn, cache_k, cache_v, xk, xv, start_pos,
+               hint=f"the buffers have B_max = {B_max} rows, this batch B = xk.shape[0] = {B}: write into the first "
+               "B rows and T = xk.shape[1] positions, cache_k[:B, start_pos:start_pos + T] = xk")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
         fail(name, f"returned {type(out).__name__}, expected a pair (keys, values)", "return keys, values")
     keys, values = out
@@ -73,6 +77,14 @@ def check_cache_update(fn) -> None:
     diff = check_tensor(name + " (keys)", keys, exp_k, atol=0, rtol=0, mistakes=mistakes)
     check_tensor(name + " (values)", values, exp_v, atol=0, rtol=0,
                  hint="write xv into cache_v, like xk into cache_k")
+    for label, buf, want in (("cache_k", cache_k, ref.cache_k), ("cache_v", cache_v, ref.cache_v)):
+        if not torch.equal(buf[B:], want[B:]):
+            fail(name, f"{label} was written in rows {B}..{B_max - 1}, which this batch of B = {B} does not use "
+                 "(they may belong to other sequences)", "write into the first B rows only: "
+                 "cache_k[:B, start_pos:start_pos + T] = xk with B = xk.shape[0]")
+        if not torch.equal(buf[:B, start_pos + T:], want[:B, start_pos + T:]):
+            fail(name, f"{label} was written past position start_pos + T - 1 = {start_pos + T - 1}",
+                 "write exactly the T = xk.shape[1] new positions: cache_k[:B, start_pos:start_pos + T] = xk")
     if not torch.equal(cache_k, ref.cache_k) or not torch.equal(cache_v, ref.cache_v):
         fail(name, "the buffers cache_k / cache_v were not updated in place",
              "assign into a slice of the buffer (cache_k[:B, start_pos:start_pos + T] = xk) so the next "
@@ -80,7 +92,8 @@ def check_cache_update(fn) -> None:
     # one decode step after that: the next position, one token
     xk1, xv1 = torch.randn(B, 1, K, D), torch.randn(B, 1, K, D)
     exp_k1, _ = ref.update(start_pos + T, xk1, xv1)
-    keys1, _ = fn(cache_k, cache_v, xk1, xv1, start_pos + T)
+    keys1, _ = call(name + " (a decode step after it)", fn, cache_k, cache_v, xk1, xv1, start_pos + T,
+                    hint="a decode step brings T = 1 new position at start_pos")
     check_tensor(name + " (a decode step after it)", keys1, exp_k1, atol=0, rtol=0)
     passed(name, f"max abs diff {diff:.1e}; B={B}, start_pos={start_pos}, T={T}, then one decode step")
 
@@ -92,7 +105,9 @@ def check_top_k_filter(fn) -> None:
     B, V = 3, int(torch.randint(10, 30, ()))
     k = int(torch.randint(2, 6, ()))
     logits = torch.randn(B, V) * 2
-    out = _filtered(name, fn, logits, k)
+    out = _filtered(name, fn, logits, k, hint=f"kth = logits.topk(k, dim=-1).values[:, -1:] is each row's k-th largest "
+                    f"logit, shape (B, 1): over the last dim (the vocabulary; k = {k} may exceed B = {B}), and with "
+                    "the dim kept so that it broadcasts against (B, V)")
     if isinstance(out, torch.Tensor) and out.shape == (B, k):
         fail(name, f"returned shape {(B, k)}: only the top-k values (or indices)",
              "keep the full (B, V) row and set the other logits to -inf, so softmax gives them 0")
@@ -179,7 +194,10 @@ def check_top_p_filter(fn) -> None:
         if isinstance(out, torch.Tensor) and out.shape == logits.shape and not torch.isfinite(out).any(-1).all():
             fail(name, *empty_msg)
 
-    out = _filtered(name, fn, logits, p)
+    crash_hint = ("sort descending, softmax, cumsum, drop_sorted = (cumsum - probs) >= p (bool, in sorted order); "
+                  "back to vocabulary order with torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted) "
+                  "(scatter needs the same dtype on both sides); then logits.masked_fill(drop, float('-inf'))")
+    out = _filtered(name, fn, logits, p, crash_hint)
     expected = top_p_filter(logits, p)
     try:
         diff = check_tensor(name, out, expected, atol=0, rtol=0, mistakes=_top_p_mistakes(logits, p), hint=hint)
@@ -190,10 +208,11 @@ def check_top_p_filter(fn) -> None:
         raise
     confident = torch.randn(B, V)
     confident[torch.arange(B), torch.randint(0, V, (B,))] = 12.0  # the top token alone has probability > p
-    out = _filtered(name, fn, confident, p)
+    out = _filtered(name, fn, confident, p, crash_hint)
     no_empty_rows(out)
     check_tensor(name + " (a confident distribution)", out, top_p_filter(confident, p), atol=0, rtol=0, hint=hint)
-    check_tensor(name + " (p=1.0)", _filtered(name, fn, logits, 1.0), top_p_filter(logits, 1.0), atol=0, rtol=0)
+    check_tensor(name + " (p=1.0)", _filtered(name, fn, logits, 1.0, crash_hint), top_p_filter(logits, 1.0),
+                 atol=0, rtol=0)
     passed(name, f"max abs diff {diff:.1e} on random logits with V={V}, p={p:.2f}")
 
 
@@ -214,16 +233,28 @@ def check_sample_loop(fn) -> None:
     expected = generate(model, tokens, n, temperature=0)
 
     calls: list[tuple[int, int, object]] = []  # (length fed, start_pos, kv_cache) of every forward
+    shapes: list[tuple[int, ...]] = []          # the shape of the tokens fed at every forward
 
     def record(_module, args, kwargs):
         toks = args[0] if args else kwargs["tokens"]
         start = args[1] if len(args) > 1 else kwargs.get("start_pos", 0)
-        calls.append((toks.shape[1], int(start), kwargs.get("kv_cache", None)))
+        shapes.append(tuple(toks.shape) if isinstance(toks, torch.Tensor) else ())
+        if isinstance(toks, torch.Tensor) and toks.dim() == 2:
+            calls.append((toks.shape[1], int(start), kwargs.get("kv_cache", None)))
 
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            out = fn(model, tokens.clone(), n)
+            out = call(name, fn, model, tokens.clone(), n,
+                       hint="logits, _ = model(tokens, start_pos): the model returns a pair (logits (B, T, V), loss); "
+                       "feed it int64 tokens of shape (B, T), a decode step's token as (B, 1): next_token[:, None]")
+    except ExerciseFailed:
+        bad = [s for s in shapes if len(s) != 2]
+        if bad:
+            fail(name, f"the model was fed tokens of shape {bad[0]}; it takes (B, T) token ids, so a single new token "
+                 f"per row is (B, 1) = ({B}, 1)", "model(next_token[:, None], start_pos): argmax(-1) drops the "
+                 "vocabulary dim and leaves (B,); add the time dim back (or argmax(-1, keepdim=True))")
+        raise
     finally:
         handle.remove()
     if not isinstance(out, torch.Tensor):

@@ -18,7 +18,7 @@ import torch
 from ..config import TlamaConfig
 from ..model import Transformer
 from ..training import get_lr_scheduler
-from .common import attributes_stubs, check_tensor, fail, passed
+from .common import attributes_stubs, call, check_tensor, fail, passed
 
 __all__ = ["check_bits_per_char", "check_lr_at", "check_train_step", "check_evaluate"]
 
@@ -51,7 +51,8 @@ def check_bits_per_char(fn: Callable[[float], float]) -> None:
         "returned 2 ** loss": lambda x: 2.0 ** x,
     }
     for loss in losses:
-        got = _as_float(name, fn(loss))
+        got = _as_float(name, call(name, fn, loss, hint="loss is a Python float: math.log(2) (torch.log wants a "
+                                   "tensor); bits = loss / math.log(2)"))
         want = loss / math.log(2)
         if math.isclose(got, want, rel_tol=1e-6):
             continue
@@ -100,8 +101,9 @@ def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
         steps = range(max_steps + 6)
         label = f"{name}(step, {max_lr:.2e}, {min_lr:.2e}, warmup_steps={w}, max_steps={max_steps})"
         try:
-            got = torch.tensor([_as_float(name, fn(s, max_lr, min_lr, w, max_steps)) for s in steps],
-                               dtype=torch.float64)
+            got = torch.tensor([_as_float(name, call(label, fn, s, max_lr, min_lr, w, max_steps, hint=(
+                "every argument is a Python number: use math.cos and math.pi; return a float")))
+                for s in steps], dtype=torch.float64)
         except ZeroDivisionError:
             fail(label, "division by zero", "with warmup_steps=0 there is no warmup: only divide by "
                  "warmup_steps when step < warmup_steps, and by max(1, max_steps - warmup_steps) in the decay")
@@ -249,10 +251,13 @@ def _run_learner(fn, model: Transformer, steps: list[list[Batch]], clip: float, 
     losses = []
     with _watch_clipping(events):
         for batches in steps:
-            losses.append(_as_float("train_step", fn(m, opt, batches, len(batches), clip)))
+            losses.append(_as_float("train_step", call("train_step", fn, m, opt, batches, len(batches), clip,
+                                                       hint=_CALL_HINT)))
     return _flat(m), losses, opt, events
 
 
+_CALL_HINT = ("_, loss = model(x, targets=y): the targets go by keyword (the second positional argument of the "
+              "model is start_pos); `batches` is a list of (x, y) pairs")
 _ACCUM_HINT = ("for each micro-batch: loss = model(x, targets=y)[1]; (loss / grad_accum).backward(); then clip "
                "the gradient norm, optimizer.step(), optimizer.zero_grad()")
 
@@ -360,7 +365,7 @@ def _check_evaluate(fn) -> None:
     calls: list[tuple[bool, bool]] = []  # (training, grad enabled) at each forward
     handle = model.register_forward_pre_hook(lambda mod, args: calls.append((mod.training, torch.is_grad_enabled())))
     try:
-        out = fn(model, [(x.clone(), y.clone()) for x, y in batches])
+        out = call(name, fn, model, [(x.clone(), y.clone()) for x, y in batches], hint=_CALL_HINT)
     finally:
         handle.remove()
     if isinstance(out, torch.Tensor) and out.requires_grad:
