@@ -2,7 +2,8 @@
 
 Module map (one concept each): config, embeddings (absolute positions), norm, rope, masks, attention, kv_cache, ffn, moe, model,
 sample (generation), training, parallel (tensor parallelism), flash (tiled attention), blockwise
-(chunked FFN / LM head / loss), tokenizer, paths (offline data lookup), data, trainer, checkpoint,
+(chunked FFN / LM head / loss, seed 002's API), blockwise_attn (tiled attention with bias and dropout),
+bpt (the Blockwise Parallel Transformer block), remat (checkpointing policies), memory (peak memory), tokenizer, paths (offline data lookup), data, trainer, checkpoint,
 hf (Hugging Face checkpoints), device, checks (exercise checks).
 
 Glossary: our names (Llama's) and what other code calls them.
