@@ -204,13 +204,16 @@ class BlockwiseLM(nn.Module):
     loss(tokens, targets, valid=None, variant) -> (loss, accuracy), for the same parameters computed
     three ways: "vanilla" (naive attention, whole FFN, whole logits), "memory_efficient" (SDPA
     attention, whole FFN and logits) and "blockwise" (tiled attention, chunked FFN, chunked LM head
-    and loss, and each block checkpointed whole, so a layer keeps only its (B, T, C) input)."""
+    and loss, and each block checkpointed whole, so a layer keeps only its (B, T, C) input).
+    chunk_size: the query / key / FFN chunk; loss_chunk_size (default chunk_size): tokens per LM-head
+    chunk, smaller for large vocabularies (one chunk's logits are loss_chunk_size x V)."""
 
     VARIANTS = ("vanilla", "memory_efficient", "blockwise")
 
     def __init__(self, vocab_size: int, n_layers: int, hidden_size: int, num_heads: int, intermediate_size: int,
-                 *, chunk_size: int = 256, rotary_dim: int | None = None, max_position_embeddings: int = 65536,
-                 activation_function: str = "gelu", policy: str = "nothing_saveable") -> None:
+                 *, chunk_size: int = 256, loss_chunk_size: int | None = None, rotary_dim: int | None = None,
+                 max_position_embeddings: int = 65536, activation_function: str = "gelu",
+                 policy: str = "nothing_saveable") -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab_size, hidden_size)
         self.h = nn.ModuleList(BlockwiseParallel(chunk_size, chunk_size, hidden_size, num_heads, rotary_dim,
@@ -218,7 +221,7 @@ class BlockwiseLM(nn.Module):
                                                  max_position_embeddings=max_position_embeddings, policy=policy)
                                for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(hidden_size)
-        self.lm_head = Blockwise_LM_Head(vocab_size, chunk_size, policy, hidden_size=hidden_size)
+        self.lm_head = Blockwise_LM_Head(vocab_size, loss_chunk_size or chunk_size, policy, hidden_size=hidden_size)
         self.policy = policy
         for p in self.parameters():
             if p.ndim == 2:
