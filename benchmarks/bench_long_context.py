@@ -1,7 +1,7 @@
 """Longest trainable sequence in a fixed memory budget: vanilla vs memory-efficient attention vs
 blockwise (Blockwise Parallel Transformer, Liu & Abbeel 2023; seed 002).
 
-    python benchmarks/bench_long_context.py                     # budgets 4 MiB (65 chars) / 30 MiB (GPT-2)
+    python benchmarks/bench_long_context.py                     # budgets 4 MiB (65 chars) / 24 MiB (GPT-2)
     python benchmarks/bench_long_context.py --budget-mib 32 --vocab char
     python benchmarks/bench_long_context.py --quick             # tiny model and budget (CI)
     python benchmarks/bench_long_context.py --out benchmarks/long_context.json
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--vocab", choices=["char", "gpt2", "both"], default="both")
     p.add_argument("--budget-mib", type=float, default=None, help="one budget for every vocabulary")
     p.add_argument("--char-budget-mib", type=float, default=4.0)
-    p.add_argument("--gpt2-budget-mib", type=float, default=30.0)
+    p.add_argument("--gpt2-budget-mib", type=float, default=24.0)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--heads", type=int, default=4)

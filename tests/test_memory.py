@@ -25,6 +25,14 @@ def test_peak_counts_live_bytes_and_frees():
     assert peak_memory(work) == m.peak
 
 
+def test_views_of_tensors_made_before_are_not_counted():
+    big = torch.arange(1_000_000)                  # 8 MB, made outside
+    with PeakMemory() as m:
+        part = big[10:20][None]                    # views: no new memory
+        y = part * 2                               # 80 bytes
+    assert m.peak == y.untyped_storage().nbytes() == 80
+
+
 def test_backward_activations_are_counted():
     x = torch.randn(256, 256, requires_grad=True)
     kept = peak_memory(lambda: torch.exp(x).sum().backward())  # exp's output is saved for the backward

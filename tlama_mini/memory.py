@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class PeakMemory(TorchDispatchMode):
@@ -30,11 +31,15 @@ class PeakMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor) and a.device.type != "meta"}
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key, size = storage.data_ptr(), storage.nbytes()
-                if key not in self.seen and size > 0:        # a new allocation, not a view of one
+                # a new allocation: not a view of an input (a slice of a tensor made before the block) nor of
+                # a tensor already counted
+                if key not in self.seen and key not in inputs and size > 0:
                     self.seen.add(key)
                     self.live += size
                     self.peak = max(self.peak, self.live)
