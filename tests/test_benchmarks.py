@@ -35,3 +35,21 @@ def test_triton_flash_benchmark_quick():
     rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["sdpa", "flash (PyTorch tiles)", "triton"], out
     assert max(float(r.split("|")[-2]) for r in rows) < 1e-5, out
+
+
+def test_long_context_benchmark_quick(tmp_path):
+    import json
+    out_file = tmp_path / "long.json"
+    out = _run("benchmarks/bench_long_context.py", "--quick", "--threads", "1", "--out", str(out_file))
+    (result,) = json.loads(out_file.read_text())
+    budget = result["budget_mib"]
+    longest = {}
+    for variant, d in result["variants"].items():
+        measured = {int(k): v for k, v in d["measured"].items()}
+        T = d["longest"]
+        assert T > 0 and measured[T] <= budget, (variant, d)
+        assert any(k > T and v > budget for k, v in measured.items()), (variant, d)  # the next length did not fit
+        assert all(v > budget for k, v in measured.items() if k > T), (variant, d)   # monotone in length
+        longest[variant] = T
+    assert longest["blockwise"] > longest["memory_efficient"] >= longest["vanilla"], longest
+    assert "| char (65) | 0.25 | blockwise |" in out, out

@@ -36,3 +36,29 @@ def test_seed_examples_run_as_written():
     assert ns["key_repeated"].shape == (4, 512, 16, 64)
     assert ns["output"].shape == (4, 128, 1024)
     assert ns["logits"].shape == (2, 16, vocab) and torch.isfinite(ns["loss"])
+
+
+SEED_002_RENAMES = [("from jax import random\n", ""), ("import jax.numpy as jnp", "import torch"),
+                    ("from agora_ai_transformer.models import BlockwiseParallelJax",
+                     "from tlama_mini.blockwise import BlockwiseParallel"),
+                    ("BlockwiseParallelJax(", "BlockwiseParallel("),
+                    ("key = random.PRNGKey(0)", "torch.manual_seed(0)"),
+                    ("random.normal(key, ", "torch.randn("), ("jnp.", "torch.")]
+
+
+def test_seed_002_example_runs_with_torch_randn():
+    """Seed 002's BlockwiseParallelJax example, translated to PyTorch: jax.random -> torch.randn,
+    jnp -> torch, BlockwiseParallelJax -> tlama_mini.blockwise.BlockwiseParallel."""
+    files = sorted(SEEDS.glob("002_*.txt"))
+    if not files:
+        pytest.skip(f"seed documents not found in {SEEDS} (shared/ must sit beside the checkout)")
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", files[0].read_text(encoding="utf-8"), flags=re.S)
+               if "print(output.shape)" in b]
+    for old, new in SEED_002_RENAMES:
+        assert old in code, old
+        code = code.replace(old, new)
+    printed = []
+    ns = {"print": lambda *a, **k: printed.append(a)}
+    exec(compile(code, "seed-002-example", "exec"), ns)  # noqa: S102
+    assert [tuple(a[0]) for a in printed] == [(8, 128, 768)]
+    assert torch.isfinite(ns["output"]).all()

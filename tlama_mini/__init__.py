@@ -2,9 +2,11 @@
 
 Module map (one concept each): config, embeddings (absolute positions), norm, rope, masks, attention, kv_cache, ffn, moe, model,
 sample (generation), training, parallel (tensor parallelism), flash (tiled attention), blockwise
-(chunked FFN / LM head / loss), tokenizer, paths (offline data lookup), data, trainer, checkpoint,
-hf (Hugging Face checkpoints; hf_llama4 for Llama 4), vision (images as tokens: Llama 4's ViT,
-pixel shuffle, projector), shapes (a synthetic image-caption data set), device, checks (exercise checks).
+(chunked FFN / LM head / loss, seed 002's API), blockwise_attn (tiled attention with bias and dropout),
+bpt (the Blockwise Parallel Transformer block), remat (checkpointing policies), memory (peak memory), tokenizer,
+paths (offline data lookup), data, trainer, checkpoint, hf (Hugging Face checkpoints; hf_llama4 for Llama 4),
+vision (images as tokens: Llama 4's ViT, pixel shuffle, projector), shapes (a synthetic image-caption data set),
+device, checks (exercise checks).
 
 Glossary: our names (Llama's) and what other code calls them.
 
