@@ -35,3 +35,13 @@ def test_triton_flash_benchmark_quick():
     rows = [line for line in out.splitlines() if line.startswith("| 64 |")]
     assert [r.split("|")[2].strip() for r in rows] == ["sdpa", "flash (PyTorch tiles)", "triton"], out
     assert max(float(r.split("|")[-2]) for r in rows) < 1e-5, out
+
+
+def test_attention_benchmark_forward_backward_quick():
+    out = _run("benchmarks/bench_attention.py", "--quick", "--threads", "1", "--backward", "--naive-max", "256")
+    rows = [line for line in out.splitlines() if line.startswith("| cpu |")][-6:]  # the final table
+    assert [r.split("|")[3].strip() for r in rows] == ["naive", "sdpa", "flash", "naive", "sdpa", "flash"], out
+    assert "not run" in rows[3]  # T=512 > --naive-max: compared with SDPA instead
+    diffs = [float(r.split("|")[-2]) for r in rows if "not run" not in r]
+    assert max(diffs) < 1e-5, out
+    assert len(re.findall(r"T=(256|512): flash time = \d+\.\d+ x SDPA", out[out.rindex("|---|"):])) == 2, out

@@ -133,12 +133,14 @@ def _plain_flash(q, k, v, causal, block_q, block_k):
     out, lse = torch.empty_like(q), torch.empty(B, H, T)
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
-        m, l, acc = torch.full((B, H, i1 - i0), float("-inf")), torch.zeros(B, H, i1 - i0), torch.zeros(B, H, i1 - i0, D)
+        m, l = torch.full((B, H, i1 - i0), float("-inf")), torch.zeros(B, H, i1 - i0)  # (B, H, bq)
+        acc = torch.zeros(B, H, i1 - i0, D)  # (B, H, bq, D)
         for j0 in range(0, S, block_k):
             j1 = min(j0 + block_k, S)
             if causal and j0 > offset + i1 - 1:  # the whole tile is in the future
                 continue
-            s = (q[:, :, i0:i1] @ kr[:, :, j0:j1].transpose(-2, -1) * scale).masked_fill(~visible[i0:i1, j0:j1], float("-inf"))
+            s = q[:, :, i0:i1] @ kr[:, :, j0:j1].transpose(-2, -1) * scale  # (B, H, bq, bk)
+            s = s.masked_fill(~visible[i0:i1, j0:j1], float("-inf"))
             m, l, acc = online_softmax_update(m, l, acc, s, vr[:, :, j0:j1])
         out[:, :, i0:i1], lse[:, :, i0:i1] = acc / l[..., None], m + l.log()
 
