@@ -28,7 +28,7 @@ operations, since in PyTorch every operation is one pass over a tile in memory p
 - only tiles that cross the causal diagonal are masked, and only their rows that have a future key;
   tiles entirely in the future are skipped (about half of them for T == S);
 - tile sizes from `default_blocks`: large enough that the Python loop costs little, small enough that
-  a tile stays in the CPU's cache (measured in benchmarks/RESULTS.md).
+  a tile's passes stay in the CPU's caches (measured in benchmarks/RESULTS.md).
 
 Causal masking is bottom-right aligned, as in `attention.attention`: query i sits at absolute
 position S - T + i (decoding with a KV cache) and sees keys 0..S-T+i.
@@ -64,9 +64,11 @@ def online_softmax_update(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, s
 def default_blocks(n_heads: int, T: int, S: int, device: torch.device | str = "cpu") -> tuple[int, int]:
     """(block_q, block_k) for `n_heads` = B * H heads of T queries and S keys.
 
-    A tile holds n_heads * bq * bk scores. On a CPU it should fit the per-core cache (2 MiB of float32:
-    256 x 256 for 8 heads, measured fastest on a 2-core AMD EPYC with 512 KiB L2 per core, where 64 or
-    1024 wide tiles were 2-4x slower); on a GPU larger tiles mean fewer kernel launches. Tiles are
+    A tile holds n_heads * bq * bk scores and each operation makes one pass over it. On a CPU, tiles
+    whose scores outgrow the caches make those passes go to main memory, and small tiles cost more
+    Python per token: 2 MiB of float32 (256 x 256 for 8 heads) was among the fastest on a 2-core AMD
+    EPYC (forward + backward, 64 to 256 within noise of each other, 512 and 1024 1.4x and 1.8x
+    slower; benchmarks/RESULTS.md). On a GPU larger tiles mean fewer kernel launches. Tiles are
     square powers of two between 64 and 1024 and no longer than the sequence.
     """
     budget = (2 if torch.device(device).type == "cpu" else 64) * 2**20 // 4   # floats per tile
