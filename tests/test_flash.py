@@ -266,3 +266,15 @@ def test_model_flash_cached_prefill_in_pieces_and_greedy_decode():
     out_f = generate(flash, prompt, 24, temperature=0)
     out_f_nocache = generate(flash, prompt, 24, temperature=0, use_cache=False)
     assert torch.equal(out_s, out_f) and torch.equal(out_f, out_f_nocache)
+
+
+def test_model_default_tiles_and_config_validation():
+    torch.manual_seed(0)
+    config = TlamaConfig.from_preset("tiny", attn_backend="flash")
+    assert config.flash_block_size is None  # flash.default_blocks picks the tiles
+    flash, sdpa = Transformer(config), Transformer(config.replace(attn_backend="sdpa"))
+    sdpa.load_state_dict(flash.state_dict())
+    tokens = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(2))
+    assert (flash(tokens)[0] - sdpa(tokens)[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="flash_block_size"):
+        TlamaConfig.from_preset("tiny", flash_block_size=0)
