@@ -1,6 +1,7 @@
 """Time and peak memory of naive, SDPA and tiled (flash-style) causal attention.
 
     python benchmarks/bench_attention.py                 # T = 1024 2048 4096 8192, B=1, H=8, D=64, fp32
+    python benchmarks/bench_attention.py --backward --lengths 1024 4096 8192 16384   # forward + backward
     python benchmarks/bench_attention.py --quick         # T = 256 512 (CI)
     python benchmarks/bench_attention.py --out benchmarks/attention.md
 
@@ -11,7 +12,10 @@ another. Peak memory is the extra memory above the state right before the call:
   torch's allocations, so it is not used.
 - CUDA: torch.cuda.max_memory_allocated minus the memory allocated before the call.
 Time is the best of --repeats runs after the measured one (which doubles as warm-up). Each child
-saves its output; the parent reports the max |difference| from the naive output.
+saves its output; the parent reports the max |difference| from the naive output (from SDPA's where
+naive is not run: above --naive-max, since its (H, T, T) matrices outgrow the memory). With --backward
+every run is forward + backward (out.backward of a fixed random gradient); the summary gives the tiled
+time over SDPA's per length.
 """
 from __future__ import annotations
 
@@ -63,33 +67,45 @@ def _attend(method: str, q, k, v, block: int):
     return flash_attention(q, k, v, True, block_size=block)
 
 
+def _run(method: str, q, k, v, block, dout):
+    """The timed work: the forward, or with dout the forward and the backward."""
+    out = _attend(method, q, k, v, block)
+    if dout is not None:
+        out.backward(dout)
+        q.grad = k.grad = v.grad = None
+    return out.detach()
+
+
 def child(a: argparse.Namespace) -> None:
     """Run one measurement and print it as JSON."""
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, a.heads, a.length, a.dim, generator=g, device=device) for _ in range(3))
-    _attend(a.method, q[:, :, :8], k[:, :, :8], v[:, :, :8], a.block)  # load kernels, import modules
-    with torch.no_grad():
+    q, k, v = (torch.randn(1, a.heads, a.length, a.dim, generator=g, device=device).requires_grad_(a.backward)
+               for _ in range(3))
+    dout = torch.randn(1, a.heads, a.length, a.dim, generator=g, device=device) if a.backward else None
+    _run(a.method, q[:, :, :8], k[:, :, :8], v[:, :, :8], a.block,
+         None if dout is None else dout[:, :, :8])  # load kernels, import modules
+    with torch.set_grad_enabled(a.backward):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            out = _attend(a.method, q, k, v, a.block)
+            out = _run(a.method, q, k, v, a.block, dout)
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - before) / 2**20
         else:
             reset = _reset_peak()  # without it the high-water mark may still hold an earlier peak
             base = _rss_kib("VmRSS") if reset else _maxrss_kib()
-            out = _attend(a.method, q, k, v, a.block)
+            out = _run(a.method, q, k, v, a.block, dout)
             peak = ((_rss_kib("VmHWM") if reset else _maxrss_kib()) - base) / 1024
         times = []
         for _ in range(a.repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            _attend(a.method, q, k, v, a.block)
+            _run(a.method, q, k, v, a.block, dout)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -99,8 +115,10 @@ def child(a: argparse.Namespace) -> None:
 
 def measure(device: str, method: str, length: int, a: argparse.Namespace, save: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--device", device, "--method", method,
-           "--length", str(length), "--heads", str(a.heads), "--dim", str(a.dim), "--block", str(a.block),
-           "--repeats", str(a.repeats), "--save", save] + (["--threads", str(a.threads)] if a.threads else [])
+           "--length", str(length), "--heads", str(a.heads), "--dim", str(a.dim),
+           "--repeats", str(a.repeats), "--save", save] + (["--threads", str(a.threads)] if a.threads else []) + \
+        (["--block", str(a.block)] if a.block else []) + \
+        (["--backward"] if a.backward else [])
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{method} at T={length} on {device} failed:\n{res.stderr[-2000:]}")
@@ -113,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="lengths 256 512, for CI")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--block", type=int, default=128, help="tile size of the flash method")
+    p.add_argument("--block", type=int, default=None, help="tile size of the flash method "
+                   "(default: flash.default_blocks, chosen for the device and length)")
+    p.add_argument("--backward", action="store_true", help="time forward + backward, not the forward alone")
+    p.add_argument("--naive-max", type=int, default=8192, help="skip naive attention above this length")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--out", help="also write the markdown table to this file")
@@ -130,26 +151,38 @@ def main(argv: list[str] | None = None) -> None:
         return child(a)
     lengths = [256, 512] if a.quick else a.lengths
     devices = a.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    lines = [f"Causal attention forward, B=1, H={a.heads}, D={a.dim}, fp32, flash tiles {a.block}x{a.block}; "
+    tiles = f"{a.block}x{a.block}" if a.block else "from flash.default_blocks"
+    lines = [f"Causal attention {'forward + backward' if a.backward else 'forward'}, B=1, H={a.heads}, D={a.dim}, "
+             f"fp32, flash tiles {tiles}; "
              f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
              f"{a.threads or torch.get_num_threads()} threads, CPU cores {os.cpu_count()}.", "",
-             "| device | T | method | time (ms, best of %d) | peak extra memory (MiB) | max abs diff vs naive |"
+             "| device | T | method | time (ms, best of %d) | peak extra memory (MiB) | max abs diff vs naive (SDPA) |"
              % a.repeats, "|---|---:|---|---:|---:|---:|"]
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
         for device in devices:
             for T in lengths:
                 rows = {}
+                ref = "naive" if T <= a.naive_max else "sdpa"
                 for method in METHODS:
+                    if method == "naive" and T > a.naive_max:
+                        lines.append(f"| {device} | {T} | naive | not run (T > --naive-max) | | |")
+                        print(lines[-1], flush=True)
+                        continue
                     save = os.path.join(tmp, f"{device}_{T}_{method}.pt")
                     r = measure(device, method, T, a, save)
-                    diff = (torch.load(save) - torch.load(os.path.join(tmp, f"{device}_{T}_naive.pt"))).abs().max()
+                    diff = (torch.load(save) - torch.load(os.path.join(tmp, f"{device}_{T}_{ref}.pt"))).abs().max()
                     rows[method] = r
                     lines.append(f"| {device} | {T} | {method} | {r['ms']:.1f} | {r['peak_mib']:.1f} | {diff:.1e} |")
                     print(lines[-1], flush=True)
-                ratio = rows["flash"]["peak_mib"] / max(rows["naive"]["peak_mib"], 1e-9)
-                summary.append(f"- {device}, T={T}: flash peak memory = {ratio:.3f} x naive; "
-                               f"naive's (H, T, T) fp32 scores alone = {a.heads * T * T * 4 / 2**20:.0f} MiB")
+                memory = "naive not run"
+                if "naive" in rows:
+                    share = rows["flash"]["peak_mib"] / max(rows["naive"]["peak_mib"], 1e-9)
+                    memory = f"flash peak memory = {share:.3f} x naive"
+                speed = rows["flash"]["ms"] / rows["sdpa"]["ms"]
+                summary.append(f"- {device}, T={T}: flash time = {speed:.2f} x SDPA; "
+                               f"{memory}; naive's (H, T, T) fp32 scores alone = {a.heads * T * T * 4 / 2**20:.0f} MiB")
+                print(summary[-1], flush=True)
     text = "\n".join(lines + [""] + summary) + "\n"
     print("\n" + text)
     if a.out:

@@ -53,3 +53,13 @@ def test_long_context_benchmark_quick(tmp_path):
         longest[variant] = T
     assert longest["blockwise"] > longest["memory_efficient"] >= longest["vanilla"], longest
     assert "| char (65) | 0.25 | blockwise |" in out, out
+
+
+def test_attention_benchmark_forward_backward_quick():
+    out = _run("benchmarks/bench_attention.py", "--quick", "--threads", "1", "--backward", "--naive-max", "256")
+    rows = [line for line in out.splitlines() if line.startswith("| cpu |")][-6:]  # the final table
+    assert [r.split("|")[3].strip() for r in rows] == ["naive", "sdpa", "flash", "naive", "sdpa", "flash"], out
+    assert "not run" in rows[3]  # T=512 > --naive-max: compared with SDPA instead
+    diffs = [float(r.split("|")[-2]) for r in rows if "not run" not in r]
+    assert max(diffs) < 1e-5, out
+    assert len(re.findall(r"T=(256|512): flash time = \d+\.\d+ x SDPA", out[out.rindex("|---|"):])) == 2, out

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tlama_mini.flash as flash_mod
 from tlama_mini import TlamaConfig, Transformer, generate, naive_attention, repeat_kv
-from tlama_mini.flash import flash_attention, flash_forward, online_softmax_update
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tlama_mini.flash import default_blocks, flash_attention, online_softmax_update
 
 
 def _qkv(B, H, K, T, S, D, dtype=torch.float32, seed=0):
@@ -95,16 +96,109 @@ def test_online_softmax_update_two_tiles_equal_one_softmax():
     assert torch.allclose(m + l.log(), torch.logsumexp(s, -1), atol=1e-6)
 
 
-def test_causal_tiles_above_the_diagonal_are_skipped(monkeypatch):
-    calls = []
-    real = flash_mod.online_softmax_update
-    monkeypatch.setattr(flash_mod, "online_softmax_update", lambda *a: calls.append(1) or real(*a))
+class _CountOps(TorchDispatchMode):
+    """Counts the ATen operations by name: one amax per forward tile, one exp_ per backward tile."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("causal,tiles", [(True, 4 * 5 // 2), (False, 16)])
+def test_causal_tiles_above_the_diagonal_are_skipped(causal, tiles):
+    # a 4 x 4 grid of 16 x 16 tiles; causal: the lower triangle, diagonal included
     q, k, v = _qkv(1, 2, 2, 64, 64, 8)
-    flash_forward(q.detach(), k.detach(), v.detach(), causal=True, block_q=16, block_k=16)
-    assert len(calls) == 4 * 5 // 2  # lower triangle of a 4 x 4 grid of tiles, diagonal included
-    calls.clear()
-    flash_forward(q.detach(), k.detach(), v.detach(), causal=False, block_q=16, block_k=16)
-    assert len(calls) == 16
+    out = flash_attention(q, k, v, causal, block_size=16)
+    with _CountOps() as fwd:
+        flash_attention(q.detach(), k.detach(), v.detach(), causal, block_size=16)
+    with _CountOps() as bwd:
+        out.sum().backward()
+    assert fwd.counts["amax"] == tiles and bwd.counts["exp_"] == tiles
+    assert fwd.counts.get("masked_fill_", 0) == (4 if causal else 0)  # only the diagonal tiles are masked
+
+
+def _plain_flash(q, k, v, causal, block_q, block_k):
+    """Lesson 08's teaching version, one formula a line: (out, lse, backward(dout) -> (dq, dk, dv)), with
+    the kv heads repeated for GQA. Written independently of tlama_mini.flash except its online step."""
+    B, H, T, D = q.shape
+    S, n_rep = k.shape[2], H // k.shape[1]
+    kr, vr = _expand(k, n_rep), _expand(v, n_rep)  # (B, H, S, D)
+    scale, offset = 1 / math.sqrt(D), S - T
+    visible = _bottom_right(T, S) if causal else torch.ones(T, S, dtype=torch.bool)
+    out, lse = torch.empty_like(q), torch.empty(B, H, T)
+    for i0 in range(0, T, block_q):
+        i1 = min(i0 + block_q, T)
+        m, l = torch.full((B, H, i1 - i0), float("-inf")), torch.zeros(B, H, i1 - i0)  # (B, H, bq)
+        acc = torch.zeros(B, H, i1 - i0, D)  # (B, H, bq, D)
+        for j0 in range(0, S, block_k):
+            j1 = min(j0 + block_k, S)
+            if causal and j0 > offset + i1 - 1:  # the whole tile is in the future
+                continue
+            s = q[:, :, i0:i1] @ kr[:, :, j0:j1].transpose(-2, -1) * scale  # (B, H, bq, bk)
+            s = s.masked_fill(~visible[i0:i1, j0:j1], float("-inf"))
+            m, l, acc = online_softmax_update(m, l, acc, s, vr[:, :, j0:j1])
+        out[:, :, i0:i1], lse[:, :, i0:i1] = acc / l[..., None], m + l.log()
+
+    def backward(dout):
+        delta = (dout * out).sum(-1)  # (B, H, T)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(kr), torch.zeros_like(vr)
+        for j0 in range(0, S, block_k):
+            j1 = min(j0 + block_k, S)
+            for i0 in range(0, T, block_q):
+                i1 = min(i0 + block_q, T)
+                s = q[:, :, i0:i1] @ kr[:, :, j0:j1].transpose(-2, -1) * scale
+                p = torch.exp(s - lse[:, :, i0:i1, None]).masked_fill(~visible[i0:i1, j0:j1], 0.0)
+                do_i = dout[:, :, i0:i1]
+                dv[:, :, j0:j1] += p.transpose(-2, -1) @ do_i
+                ds = p * (do_i @ vr[:, :, j0:j1].transpose(-2, -1) - delta[:, :, i0:i1, None])
+                dq[:, :, i0:i1] += ds @ kr[:, :, j0:j1] * scale
+                dk[:, :, j0:j1] += ds.transpose(-2, -1) @ q[:, :, i0:i1] * scale
+        fold = lambda g: g.reshape(B, H // n_rep, n_rep, S, D).sum(2)  # sum each kv head's group
+        return dq, fold(dk), fold(dv)
+    return out, lse, backward
+
+
+# (T, S, causal, H, K, block_q, block_k); None: the default tiles. Odd lengths, GQA and MQA, causal and not
+TEACHING_CASES = [
+    (77, 77, True, 4, 2, 16, 16), (77, 77, False, 6, 3, 32, 8), (45, 130, True, 4, 1, 8, 40),
+    (130, 131, True, 2, 2, 64, 17), (29, 51, False, 4, 4, 7, 64), (300, 300, True, 2, 1, None, None),
+    (257, 600, False, 4, 2, None, None),
+]
+
+
+@pytest.mark.parametrize("T,S,causal,H,K,block_q,block_k", TEACHING_CASES)
+def test_fast_path_equals_lesson_08_teaching_version(T, S, causal, H, K, block_q, block_k):
+    B, D = 2, 16
+    seed = int(torch.randint(0, 2**31, ()))  # fresh inputs every run; the seed is in the failure message
+    q, k, v = _qkv(B, H, K, T, S, D, seed=seed)
+    out, lse = flash_attention(q, k, v, causal, block_q=block_q, block_k=block_k, return_lse=True)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    with torch.no_grad():
+        bq, bk = block_q or min(256, T), block_k or min(256, S)
+        ref_out, ref_lse, ref_backward = _plain_flash(q, k, v, causal, bq, bk)
+        want = ref_backward(dout)
+    assert (out - ref_out).abs().max() < 1e-5, f"seed {seed}"
+    assert (lse - ref_lse).abs().max() < 1e-5, f"seed {seed}"
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape, name
+        assert (a - b).abs().max() < 5e-5, f"d{name} differs by {(a - b).abs().max():.2e}, seed {seed}"
+
+
+def test_default_blocks_fit_the_device_and_length():
+    assert default_blocks(8, 8192, 8192, "cpu") == (256, 256)  # 2 MiB of float32 scores per tile
+    assert default_blocks(32, 8192, 8192, "cpu") == (128, 128)  # more heads: smaller tiles
+    assert default_blocks(8, 100, 8192, "cpu") == (100, 256)  # never longer than the sequence
+    assert default_blocks(1, 8192, 8192, "cpu") == (512, 512)
+    assert default_blocks(8, 16384, 16384, "cuda") == (1024, 1024)  # fewer launches on a GPU
+    for heads in (1, 3, 8, 64, 1000):
+        bq, bk = default_blocks(heads, 10**5, 10**5, "cpu")
+        assert bq == bk and bq & (bq - 1) == 0 and 64 <= bq <= 1024
 
 
 def test_backward_saves_no_score_matrix():
@@ -172,3 +266,15 @@ def test_model_flash_cached_prefill_in_pieces_and_greedy_decode():
     out_f = generate(flash, prompt, 24, temperature=0)
     out_f_nocache = generate(flash, prompt, 24, temperature=0, use_cache=False)
     assert torch.equal(out_s, out_f) and torch.equal(out_f, out_f_nocache)
+
+
+def test_model_default_tiles_and_config_validation():
+    torch.manual_seed(0)
+    config = TlamaConfig.from_preset("tiny", attn_backend="flash")
+    assert config.flash_block_size is None  # flash.default_blocks picks the tiles
+    flash, sdpa = Transformer(config), Transformer(config.replace(attn_backend="sdpa"))
+    sdpa.load_state_dict(flash.state_dict())
+    tokens = torch.randint(0, 256, (2, 70), generator=torch.Generator().manual_seed(2))
+    assert (flash(tokens)[0] - sdpa(tokens)[0]).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="flash_block_size"):
+        TlamaConfig.from_preset("tiny", flash_block_size=0)

@@ -64,7 +64,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
               is_causal: bool = False, backend: str = "sdpa", dropout_p: float = 0.0,
-              flash_block_size: int = 64) -> torch.Tensor:
+              flash_block_size: int | None = None) -> torch.Tensor:
     """Scaled dot-product attention with grouped kv heads.
 
     q (B, H, T, D); k, v (B, K, S, D) with H a multiple of K; mask (T, S) or broadcastable to

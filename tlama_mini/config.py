@@ -122,7 +122,7 @@ class TlamaConfig:
     dropout: float = 0.0
     tie_embeddings: bool = False
     attn_backend: Literal["sdpa", "naive", "flash", "triton"] = "sdpa"  # triton: triton_flash.py
-    flash_block_size: int = 64             # query/key tile size of the flash backend
+    flash_block_size: int | None = None    # tile size of the flash backend (None: flash.default_blocks)
     blockwise_chunk_size: int | None = None  # chunk the FFN, LM head and loss over tokens (seed 002)
     # --- modern variants (seed 003) ---
     rope_scaling: RopeScaling | None = None
@@ -155,12 +155,13 @@ class TlamaConfig:
             object.__setattr__(self, "vision", VisionConfig(**self.vision))
         object.__setattr__(self, "weight_init", tuple(float(v) for v in self.weight_init))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "multiple_of", "max_seq_len",
-                     "max_batch_size", "flash_block_size", "moe_layer_interval", "n_experts_per_tok"):
+                     "max_batch_size", "moe_layer_interval", "n_experts_per_tok"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} ({value!r}) must be a positive integer")
         for name in ("n_kv_heads", "attn_head_dim", "ffn_hidden_dim", "blockwise_chunk_size", "sliding_window",
-                     "attention_chunk_size", "nope_layer_interval", "attn_temperature_floor", "xpos_scale_base", "n_experts", "moe_hidden_dim"):
+                     "attention_chunk_size", "nope_layer_interval", "attn_temperature_floor", "xpos_scale_base", "n_experts",
+                     "moe_hidden_dim", "flash_block_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} ({value!r}) must be a positive integer or None")

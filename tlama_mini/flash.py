@@ -15,14 +15,26 @@ P = exp(scale * q k^T - lse), and accumulate
     dQ += scale * dS K,   dK += scale * dS^T Q.
 Memory is O(T + S) per head plus one tile, instead of O(T * S).
 
+Lesson 08 writes this loop plainly, one line per formula (`online_softmax_update` is its step). The
+functions below compute the same numbers (tested equal in tests/test_flash.py) with fewer, larger
+operations, since in PyTorch every operation is one pass over a tile in memory plus Python overhead:
+- all heads of a tile in one batched matmul. GQA: the R = H / K query heads that share a kv head are
+  laid out as rows of that kv head, row t * R + r = (position t, head r), so a tile is one
+  (B * K, bq * R, bk) matmul and the keys are never copied R times;
+- q is multiplied by the scale once, not every tile;
+- a column of ones appended to v makes p @ [v, 1] return l (the row sums) with acc, in the same matmul;
+- in the backward, [q, -lse] @ [k, 1]^T = scale q k^T - lse and [dO, -Dsum] @ [v, 1]^T = dP - Dsum, so
+  the two subtractions ride along in the matmuls; the rest is in place (exp_, mul_, baddbmm_);
+- only tiles that cross the causal diagonal are masked, and only their rows that have a future key;
+  tiles entirely in the future are skipped (about half of them for T == S);
+- tile sizes from `default_blocks`: large enough that the Python loop costs little, small enough that
+  a tile's passes stay in the CPU's caches (measured in benchmarks/RESULTS.md).
+
 Causal masking is bottom-right aligned, as in `attention.attention`: query i sits at absolute
-position S - T + i (decoding with a KV cache) and sees keys 0..S-T+i. Key tiles that lie entirely
-in a query tile's future are skipped, which halves the work for T == S.
-GQA: query head h uses kv head h // n_rep. Queries are viewed as (B, K, n_rep, T, D) and keys as
-(B, K, 1, S, D), so matmuls broadcast over the group instead of copying the keys n_rep times.
+position S - T + i (decoding with a KV cache) and sees keys 0..S-T+i.
 Everything is accumulated in float32 (float64 inputs stay float64, for gradcheck).
 Legend: B batch, H query heads, K kv heads, R = n_rep = H / K, T queries, S keys, D head_dim,
-bq / bk query / key tile sizes.
+bq / bk query / key tile sizes, N = B * K, D1 = D + 1.
 """
 from __future__ import annotations
 
@@ -33,7 +45,7 @@ import torch
 
 def online_softmax_update(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor,
                           v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold one tile of scores into the running softmax state.
+    """Fold one tile of scores into the running softmax state (lesson 08's step, written plainly).
 
     m, l (..., bq); acc (..., bq, D); scores (..., bq, bk), already scaled, -inf where masked;
     v (..., bk, D). Returns the new (m, l, acc). A row whose scores are all -inf so far keeps
@@ -49,21 +61,25 @@ def online_softmax_update(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, s
     return m_new, l_new, acc_new
 
 
+def default_blocks(n_heads: int, T: int, S: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """(block_q, block_k) for `n_heads` = B * H heads of T queries and S keys.
+
+    A tile holds n_heads * bq * bk scores and each operation makes one pass over it. On a CPU, tiles
+    whose scores outgrow the caches make those passes go to main memory, and small tiles cost more
+    Python per token: 2 MiB of float32 (256 x 256 for 8 heads) was among the fastest on a 2-core AMD
+    EPYC (forward + backward, 64 to 256 within noise of each other, 512 and 1024 1.4x and 1.8x
+    slower; benchmarks/RESULTS.md). On a GPU larger tiles mean fewer kernel launches. Tiles are
+    square powers of two between 64 and 1024 and no longer than the sequence.
+    """
+    budget = (2 if torch.device(device).type == "cpu" else 64) * 2**20 // 4   # floats per tile
+    edge = 64
+    while edge < 1024 and n_heads * (2 * edge) ** 2 <= budget:
+        edge *= 2
+    return min(edge, max(T, 1)), min(edge, max(S, 1))
+
+
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _tile_mask(i0: int, i1: int, j0: int, j1: int, offset: int, device: torch.device) -> torch.Tensor:
-    """Causal mask of one tile, True = may attend: query i (absolute position offset + i) sees key j
-    when j <= offset + i. (bq, bk)."""
-    qpos = torch.arange(i0, i1, device=device)[:, None] + offset  # (bq, 1)
-    kpos = torch.arange(j0, j1, device=device)[None, :]           # (1, bk)
-    return kpos <= qpos                                           # (bq, bk)
-
-
-def _key_end(i1: int, S: int, offset: int, causal: bool) -> int:
-    """One past the last key any query in rows [.., i1) may see: tiles from here on are skipped."""
-    return min(S, offset + i1) if causal else S
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
@@ -74,88 +90,134 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> N
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head_dim")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[2] == 0:
+        raise ValueError("flash_attention needs at least one key (S = 0): every query's softmax would be empty")
     if causal and k.shape[2] < q.shape[2]:
         raise ValueError(f"causal attention with fewer keys ({k.shape[2]}) than queries ({q.shape[2]}) leaves the "
                          "first queries with no key to attend to; pass causal=False or all S >= T keys")
 
 
+def _blocks(q: torch.Tensor, k: torch.Tensor, block_q: int | None, block_k: int | None) -> tuple[int, int]:
+    auto_q, auto_k = default_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], q.device)
+    block_q, block_k = block_q or auto_q, block_k or auto_k
+    if block_q <= 0 or block_k <= 0:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    return block_q, block_k
+
+
+def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    """(B, H, T, *F) -> (N, T * R, *F): the R query heads of each kv head become rows t * R + r."""
+    B, H, T, *F = x.shape
+    return x.reshape(B, K, H // K, T, *F).transpose(2, 3).reshape(B * K, T * (H // K), *F)
+
+
+def _unrows(x: torch.Tensor, B: int, H: int, T: int) -> torch.Tensor:
+    """Inverse of `_rows`: (N, T * R, *F) -> (B, H, T, *F)."""
+    K = x.shape[0] // B
+    return x.reshape(B, K, T, H // K, *x.shape[2:]).transpose(2, 3).reshape(B, H, T, *x.shape[2:])
+
+
+def _with_ones(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., D + 1) with a last column of ones."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def _mask_future_(s: torch.Tensor, i0: int, i1: int, j0: int, j1: int, offset: int, R: int) -> None:
+    """Set to -inf, in place, the scores of tile (queries i0..i1, keys j0..j1) that lie in a query's
+    future (key position > offset + query index). s (N, (i1 - i0) * R, j1 - j0); only the first rows,
+    those of queries before offset + i < j1 - 1, can have a future key in the tile."""
+    n = min(i1, j1 - 1 - offset) - i0                                  # queries with a future key here
+    if n > 0:
+        qpos = torch.arange(i0, i0 + n, device=s.device)[:, None, None] + offset   # (n, 1, 1)
+        kpos = torch.arange(j0, j1, device=s.device)                               # (bk,)
+        s[:, : n * R].view(s.shape[0], n, R, j1 - j0).masked_fill_(kpos > qpos, float("-inf"))
+
+
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, *,
-                  block_q: int = 64, block_k: int = 64, scale: float | None = None
+                  block_q: int | None = None, block_k: int | None = None, scale: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled forward pass (no autograd). q (B, H, T, D), k, v (B, K, S, D) ->
-    (out (B, H, T, D) in q's dtype, lse (B, H, T) in float32/float64)."""
+    (out (B, H, T, D) in q's dtype, lse (B, H, T) in float32/float64). Block sizes: `default_blocks`."""
     _check(q, k, v, causal)
+    bq, bk = _blocks(q, k, block_q, block_k)
     B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K, S, R = k.shape[1], k.shape[2], H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    offset = S - T  # absolute position of query 0
-    dt = _acc_dtype(q)
-    qg = q.reshape(B, K, H // K, T, D)             # (B, K, R, T, D): group the query heads by kv head
-    kg, vg = k[:, :, None], v[:, :, None]          # (B, K, 1, S, D)
-    out = torch.empty(B, K, H // K, T, D, dtype=q.dtype, device=q.device)  # (B, K, R, T, D)
-    lse = torch.empty(B, K, H // K, T, dtype=dt, device=q.device)           # (B, K, R, T)
-    for i0 in range(0, T, block_q):
-        i1 = min(i0 + block_q, T)
-        qi = qg[..., i0:i1, :].to(dt)                                    # (B, K, R, bq, D)
-        m = torch.full(qi.shape[:-1], float("-inf"), dtype=dt, device=q.device)  # (B, K, R, bq)
-        l = torch.zeros_like(m)                                          # (B, K, R, bq)
-        acc = torch.zeros_like(qi)                                       # (B, K, R, bq, D)
-        for j0 in range(0, _key_end(i1, S, offset, causal), block_k):
-            j1 = min(j0 + block_k, S)
-            s = (qi @ kg[..., j0:j1, :].to(dt).transpose(-2, -1)) * scale  # (B, K, R, bq, bk)
-            if causal and j1 - 1 > offset + i0:  # the tile crosses the diagonal: mask its future part
-                s = s.masked_fill(~_tile_mask(i0, i1, j0, j1, offset, q.device), float("-inf"))
-            m, l, acc = online_softmax_update(m, l, acc, s, vg[..., j0:j1, :])
-        out[..., i0:i1, :] = (acc / l[..., None]).to(q.dtype)            # (B, K, R, bq, D)
-        lse[..., i0:i1] = m + torch.log(l)                               # (B, K, R, bq)
-    return out.reshape(B, H, T, D), lse.reshape(B, H, T)
+    offset, dt = S - T, _acc_dtype(q)                        # offset: absolute position of query 0
+    qs = _rows(q.to(dt) * scale, K)                          # (N, T*R, D) scaled once: s = qs @ k^T
+    kn = k.to(dt).reshape(B * K, S, D)                       # (N, S, D)
+    v1 = _with_ones(v.to(dt)).reshape(B * K, S, D + 1)       # (N, S, D1): p @ v1 = [acc, l]
+    out = torch.empty(B * K, T * R, D, dtype=dt, device=q.device)   # (N, T*R, D)
+    lse = torch.empty(B * K, T * R, dtype=dt, device=q.device)      # (N, T*R)
+    for i0 in range(0, T, bq):
+        i1 = min(i0 + bq, T)
+        rows = slice(i0 * R, i1 * R)
+        qi = qs[:, rows]                                     # (N, bq*R, D)
+        m = acc_l = None
+        # causal: key tiles from min(S, offset + i1) on are in every query's future; the first tile
+        # holds key 0, which every query sees, so m is finite from the first tile on
+        for j0 in range(0, min(S, offset + i1) if causal else S, bk):
+            j1 = min(j0 + bk, S)
+            s = torch.bmm(qi, kn[:, j0:j1].transpose(1, 2))   # (N, bq*R, bk) scaled scores
+            if causal and j1 - 1 > offset + i0:             # the tile crosses the diagonal
+                _mask_future_(s, i0, i1, j0, j1, offset, R)
+            m_tile = s.amax(dim=-1)                          # (N, bq*R)
+            m_new = m_tile if m is None else torch.maximum(m, m_tile)
+            p = s.sub_(m_new[..., None]).exp_()              # (N, bq*R, bk) in place
+            if acc_l is None:
+                acc_l = torch.bmm(p, v1[:, j0:j1])           # (N, bq*R, D1)
+            else:                                            # rescale the old sums, add this tile's
+                acc_l.mul_(torch.exp(m - m_new)[..., None]).baddbmm_(p, v1[:, j0:j1])
+            m = m_new
+        out[:, rows] = acc_l[..., :D] / acc_l[..., D:]       # (N, bq*R, D)
+        lse[:, rows] = m + acc_l[..., D].log()               # (N, bq*R)
+    return _unrows(out, B, H, T).to(q.dtype), _unrows(lse, B, H, T)
 
 
 def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, causal: bool = True, *, block_q: int = 64, block_k: int = 64,
-                   scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, causal: bool = True, *, block_q: int | None = None,
+                   block_k: int | None = None, scale: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled backward pass: recompute P tile by tile from lse. Returns dq (B, H, T, D) and
     dk, dv (B, K, S, D), in the dtypes of q, k, v."""
+    bq, bk = _blocks(q, k, block_q, block_k)
     B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
-    R = H // K
+    K, S, R = k.shape[1], k.shape[2], H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    offset = S - T
-    dt = _acc_dtype(q)
-    qg, dog = q.reshape(B, K, R, T, D).to(dt), dout.reshape(B, K, R, T, D).to(dt)  # (B, K, R, T, D)
-    lse_g = lse.reshape(B, K, R, T).to(dt)                                         # (B, K, R, T)
-    Dsum = (dog * out.reshape(B, K, R, T, D).to(dt)).sum(dim=-1)                   # (B, K, R, T) rowsum(dO * O)
-    dq = torch.zeros_like(qg)                                                      # (B, K, R, T, D)
-    dk = torch.zeros(B, K, S, D, dtype=dt, device=q.device)                        # (B, K, S, D)
-    dv = torch.zeros_like(dk)                                                      # (B, K, S, D)
+    offset, dt = S - T, _acc_dtype(q)
+    dsum = (dout.to(dt) * out.to(dt)).sum(dim=-1, keepdim=True)                     # (B, H, T, 1) rowsum(dO*O)
+    q1 = _rows(torch.cat([q.to(dt) * scale, -lse.to(dt)[..., None]], dim=-1), K)    # (N, T*R, D1) [q*scale, -lse]
+    do1 = _rows(torch.cat([dout.to(dt), -dsum], dim=-1), K)                          # (N, T*R, D1) [dO, -Dsum]
+    k1 = _with_ones(k.to(dt)).reshape(B * K, S, D + 1)                               # (N, S, D1)
+    v1 = _with_ones(v.to(dt)).reshape(B * K, S, D + 1)                               # (N, S, D1)
+    dq = torch.zeros(B * K, T * R, D, dtype=dt, device=q.device)                     # (N, T*R, D) / scale
+    dk = torch.zeros(B * K, S, D, dtype=dt, device=q.device)                         # (N, S, D)
+    dv = torch.zeros_like(dk)                                                        # (N, S, D)
     # FlashAttention-2 order: the outer loop over key tiles owns dK_j and dV_j
-    for j0 in range(0, S, block_k):
-        j1 = min(j0 + block_k, S)
-        kj = k[:, :, None, j0:j1].to(dt)                                           # (B, K, 1, bk, D)
-        vj = v[:, :, None, j0:j1].to(dt)                                           # (B, K, 1, bk, D)
-        # first query that sees key j0: offset + i >= j0
-        first = max(0, j0 - offset) // block_q * block_q if causal else 0
-        for i0 in range(first, T, block_q):
-            i1 = min(i0 + block_q, T)
-            s = (qg[..., i0:i1, :] @ kj.transpose(-2, -1)) * scale                 # (B, K, R, bq, bk)
+    for j0 in range(0, S, bk):
+        j1 = min(j0 + bk, S)
+        kj, vj = k1[:, j0:j1], v1[:, j0:j1]                                          # (N, bk, D1)
+        for i0 in range(max(0, j0 - offset) if causal else 0, T, bq):               # causal: from the first
+            i1 = min(i0 + bq, T)                                                     # query that sees key j0
+            rows = slice(i0 * R, i1 * R)
+            p = torch.bmm(q1[:, rows], kj.transpose(1, 2))                           # (N, bq*R, bk) s - lse
             if causal and j1 - 1 > offset + i0:
-                s = s.masked_fill(~_tile_mask(i0, i1, j0, j1, offset, q.device), float("-inf"))
-            p = torch.exp(s - lse_g[..., i0:i1, None])                             # (B, K, R, bq, bk)
-            do_i = dog[..., i0:i1, :]                                              # (B, K, R, bq, D)
-            dv[:, :, j0:j1] += (p.transpose(-2, -1) @ do_i).sum(dim=2)             # (B, K, bk, D), summed over R
-            dp = do_i @ vj.transpose(-2, -1)                                       # (B, K, R, bq, bk)
-            ds = p * (dp - Dsum[..., i0:i1, None])                                 # (B, K, R, bq, bk)
-            dq[..., i0:i1, :] += (ds @ kj) * scale                                 # (B, K, R, bq, D)
-            dk[:, :, j0:j1] += (ds.transpose(-2, -1) @ qg[..., i0:i1, :]).sum(dim=2) * scale  # (B, K, bk, D)
-    return dq.reshape(B, H, T, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+                _mask_future_(p, i0, i1, j0, j1, offset, R)
+            p.exp_()                                                                 # P, in place
+            dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do1[:, rows, :D])              # (N, bk, D) += P^T dO
+            ds = torch.bmm(do1[:, rows], vj.transpose(1, 2)).mul_(p)                # (N, bq*R, bk) P*(dP-Dsum)
+            dq[:, rows].baddbmm_(ds, kj[..., :D])                                    # (N, bq*R, D) += dS K
+            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q1[:, rows, :D])              # (N, bk, D) += dS^T q*scale
+    dq = _unrows(dq.mul_(scale), B, H, T)                                            # (B, H, T, D)
+    return dq.to(q.dtype), dk.reshape(B, K, S, D).to(k.dtype), dv.reshape(B, K, S, D).to(v.dtype)
 
 
 class FlashAttention(torch.autograd.Function):
     """autograd wrapper: saves q, k, v, out and lse (never the (T, S) matrix)."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, block_q: int,
-                block_k: int, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, block_q: int | None,
+                block_k: int | None, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = flash_forward(q, k, v, causal, block_q=block_q, block_k=block_k, scale=scale)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.config = (causal, block_q, block_k, scale)
@@ -172,17 +234,19 @@ class FlashAttention(torch.autograd.Function):
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, *,
-                    block_size: int = 64, block_q: int | None = None, block_k: int | None = None,
+                    block_size: int | None = None, block_q: int | None = None, block_k: int | None = None,
                     scale: float | None = None, return_lse: bool = False
                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention computed tile by tile, with gradients.
 
     q (B, H, T, D); k, v (B, K, S, D), H a multiple of K. causal: bottom-right aligned (query i
-    sees keys 0..S-T+i). block_q / block_k default to block_size. scale defaults to 1/sqrt(D).
+    sees keys 0..S-T+i). block_q / block_k default to block_size, and block_size (None) to
+    `default_blocks` for the device and lengths. scale defaults to 1/sqrt(D).
     Returns out (B, H, T, D), or (out, lse (B, H, T)) with return_lse=True.
     """
     block_q, block_k = block_q or block_size, block_k or block_size
-    if block_q <= 0 or block_k <= 0:
-        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise ValueError(f"block sizes must be positive integers or None, got {name}={value!r}")
     out, lse = FlashAttention.apply(q, k, v, causal, block_q, block_k, scale)
     return (out, lse) if return_lse else out
