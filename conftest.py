@@ -3,7 +3,7 @@
 Points the package at the offline data beside the checkout (../shared/data) unless the caller has
 already chosen a location, so no test or notebook ever needs the network. Without a CUDA GPU, Triton
 kernels (tlama_mini.triton_flash) run under Triton's CPU interpreter, a switch that must be set before
-triton is first imported.
+triton is first imported. Under pytest-xdist, each worker's thread count is its share of the cores.
 """
 import os
 from pathlib import Path
@@ -13,6 +13,11 @@ if _DATA.is_dir():
     os.environ.setdefault("TLAMA_DATA_DIR", str(_DATA))
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_DATA / "tiktoken" / "cache"))
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Under pytest-xdist (`-n auto`) each worker gets its share of the cores, so that the workers, their notebook
+# kernels and subprocesses (which inherit the variable) do not run more threads than there are cores.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import torch  # noqa: E402
 
