@@ -39,7 +39,7 @@ def top_p_filter(logits, p):
 
 def sample_loop(model, tokens, n, *, first_pos=lambda T, i: T + i, whole=False):
     T = tokens.shape[1]
-    logits, _ = model(tokens, 0)
+    logits, _ = model(tokens, 0, kv_cache=True)
     seq = tokens
     for i in range(n):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -193,3 +193,18 @@ def test_sample_loop_mistakes():
         return seq
 
     fails_with(check_sample_loop, uncached, "kv_cache=False")
+
+
+def test_sample_loop_prefill_without_a_cache_is_diagnosed():
+    def plain_prefill(m, t, n):  # model(tokens, 0): a plain forward allocates no cache
+        T = t.shape[1]
+        logits, _ = m(t, 0)
+        seq = t
+        for i in range(n):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            if i < n - 1:
+                logits, _ = m(nxt, T + i)
+        return seq
+
+    fails_with(check_sample_loop, plain_prefill, "without a cache", "kv_cache=True")
