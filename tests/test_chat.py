@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tlama_mini import cli
 from tlama_mini import gguf as G

