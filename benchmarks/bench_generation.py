@@ -4,6 +4,14 @@ Hugging Face `transformers` `LlamaForCausalLM.generate` (cached) on a Llama of t
     python benchmarks/bench_generation.py                     # 500 new tokens, presets tiny and gpt2-small
     python benchmarks/bench_generation.py --quick             # 16 new tokens (CI)
     python benchmarks/bench_generation.py --out benchmarks/generation.md
+    python benchmarks/bench_generation.py --smollm2           # the real SmolLM2-135M-Instruct, fp32, beside transformers
+
+--smollm2 loads SmolLM2-135M-Instruct from its GGUF file (tlama_mini.gguf.load_gguf, and transformers'
+own GGUF loader for the baseline), dequantized to fp32, and generates greedily (batch 1, a 40-token
+prompt, 128 new tokens). Each implementation runs in a fresh subprocess, so each has its own peak
+memory: the process's peak RSS above its RSS after importing torch and tlama_mini (loading, the
+mapped file and the reader count). tokens/s is given for the first call (allocation included) and
+a second one.
 
 All models have random weights (speed does not depend on them). The uncached run recomputes the
 whole sequence at every step, so its cost grows quadratically; it generates at most
@@ -77,6 +85,83 @@ def bench_preset(preset: str, a: argparse.Namespace, device: torch.device) -> li
     return rows
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def smollm2_one(impl: str, a: argparse.Namespace) -> None:
+    """Run in a subprocess: load, generate twice, print one result line (key=value ...)."""
+    import resource
+
+    from tlama_mini.gguf import find_smollm2, load_gguf
+    base = _rss_mb()
+    path = find_smollm2()
+    t0 = time.perf_counter()
+    if impl == "tlama_mini":
+        model, tok = load_gguf(path, torch.float32)
+    else:
+        from transformers import AutoModelForCausalLM
+        from tlama_mini.gguf import tokenizer_from_gguf, metadata, read_gguf
+        tok = tokenizer_from_gguf(metadata(read_gguf(path)))
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    prompt = torch.tensor([tok.encode(text)[:a.prompt_len]])
+    n = a.new_tokens
+
+    def run():
+        if impl == "tlama_mini":
+            out = generate(model, prompt, n, temperature=0)
+        else:
+            with torch.no_grad():
+                out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     attention_mask=torch.ones_like(prompt), pad_token_id=2)
+        assert out.shape[1] == prompt.shape[1] + n
+        return out
+
+    first = _timed(run, torch.device("cpu"))
+    second = _timed(run, torch.device("cpu"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    tokens = run()[0, prompt.shape[1]:prompt.shape[1] + 8].tolist()
+    print(f"RESULT impl={impl} load_s={load_s:.2f} first_tps={n / first:.2f} second_tps={n / second:.2f} "
+          f"peak_mb={peak - base:.0f} tokens={','.join(map(str, tokens))}", flush=True)
+
+
+def smollm2(a: argparse.Namespace) -> None:
+    import subprocess
+    import sys
+    rows = {}
+    for impl in ("tlama_mini", "transformers"):
+        args = [sys.executable, __file__, "--smollm2-impl", impl, "--prompt-len", str(a.prompt_len),
+                "--new-tokens", str(a.new_tokens)] + (["--threads", str(a.threads)] if a.threads else [])
+        out = subprocess.run(args, capture_output=True, text=True, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+        if line is None:
+            raise SystemExit(f"{impl} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        rows[impl] = dict(kv.split("=") for kv in line.split()[1:])
+    if rows["tlama_mini"]["tokens"] != rows["transformers"]["tokens"]:
+        raise SystemExit(f"the greedy tokens differ: {rows}")
+    weights_mb = 134.5e6 * 4 / 2**20
+    lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, {weights_mb:.0f} MiB of weights), greedy, batch 1, "
+             f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, CPU cores {os.cpu_count()}. Peak memory: peak RSS above the "
+             "RSS after importing torch and tlama_mini.", "",
+             "| implementation | load s | tokens/s, first call | tokens/s, second call | peak memory MiB |",
+             "|---|---:|---:|---:|---:|"]
+    for impl, r in rows.items():
+        lines.append(f"| {impl} | {r['load_s']} | {r['first_tps']} | {r['second_tps']} | {r['peak_mb']} |")
+    ours, hf = rows["tlama_mini"], rows["transformers"]
+    lines += ["", f"tlama_mini / transformers: {float(ours['first_tps']) / float(hf['first_tps']):.2f}x (first call), "
+              f"{float(ours['second_tps']) / float(hf['second_tps']):.2f}x (second call); the first 8 greedy tokens "
+              "are identical."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny", "gpt2-small"])
@@ -89,7 +174,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice); 1 gives "
                    "steadier numbers on a busy machine")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M-Instruct beside transformers")
+    p.add_argument("--smollm2-impl", choices=["tlama_mini", "transformers"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.smollm2 or a.smollm2_impl:
+        if a.prompt_len == 16:
+            a.prompt_len = 40
+        if a.new_tokens == 500:
+            a.new_tokens = 128
+        if a.quick:
+            a.new_tokens = 8
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        return smollm2_one(a.smollm2_impl, a) if a.smollm2_impl else smollm2(a)
     if a.quick:
         a.new_tokens, a.uncached_tokens = 16, 16
     if a.threads:

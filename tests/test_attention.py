@@ -105,7 +105,7 @@ def test_training_never_writes_or_reads_the_cache():
     att.eval()
     with torch.no_grad():
         att(x, 0, compute_freqs_cis(8, 5), None, kv_cache=True)
-    assert att.cache_k.shape == (2, 16, 4, 8)  # preallocated at (max_batch_size, max_seq_len, K, D)
+    assert att.cache_k.shape == (2, 5, 4, 8)  # sized to the call, not (max_batch_size, max_seq_len, K, D)
 
 
 def test_attention_input_errors():

@@ -68,7 +68,7 @@ def top_p_filter(logits, p):
 
 def sample_loop(model, tokens, n, *, first_pos=lambda T, i: T + i, whole=False):
     T = tokens.shape[1]
-    logits, _ = model(tokens, 0)
+    logits, _ = model(tokens, 0, kv_cache=True)
     seq = tokens
     for i in range(n):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
@@ -291,7 +291,7 @@ def test_sample_loop_mistakes():
 
     def decode(m, t, n, *, pair=True, feed=lambda nxt: nxt[:, None], pick=lambda logits: logits[:, -1]):
         T = t.shape[1]
-        out = m(t, 0)
+        out = m(t, 0, kv_cache=True)
         logits = out[0] if pair else out
         seq = t
         for i in range(n):
@@ -307,3 +307,17 @@ def test_sample_loop_mistakes():
                "(B, 1)")
     fails_with(check_sample_loop, lambda m, t, n: decode(m, t, n, pick=lambda logits: logits[:, 0]), "*last* position")
     fails_with(check_sample_loop, lambda m, t, n: decode(m, t, n)[:, :-1], "shape")
+
+def test_sample_loop_prefill_without_a_cache_is_diagnosed():
+    def plain_prefill(m, t, n):  # model(tokens, 0): a plain forward allocates no cache
+        T = t.shape[1]
+        logits, _ = m(t, 0)
+        seq = t
+        for i in range(n):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+            if i < n - 1:
+                logits, _ = m(nxt, T + i)
+        return seq
+
+    fails_with(check_sample_loop, plain_prefill, "without a cache", "kv_cache=True")

@@ -257,7 +257,7 @@ def test_model_flash_cached_prefill_in_pieces_and_greedy_decode():
     tokens = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():  # prefill in two pieces: the second is causal with S > T (bottom-right)
         for model in (sdpa, flash):
-            model(tokens[:, :12], 0)
+            model(tokens[:, :12], 0, kv_cache=True)
         a, _ = sdpa(tokens[:, 12:], 12)
         b, _ = flash(tokens[:, 12:], 12)
     assert (a - b).abs().max() < 1e-5

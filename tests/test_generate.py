@@ -81,3 +81,65 @@ def test_sampling_argument_errors(model):
         generate(model, prompt, 2, top_p=1.5)
     with pytest.raises(ValueError, match="top_k"):
         generate(model, prompt, 2, top_k=0)
+
+
+# --- the KV cache is sized to the request (issue 21: a (max_batch_size, max_seq_len) cache for a real
+# model is gigabytes), and a plain forward allocates none ---
+
+def _cache_shapes(model):
+    return {tuple(l.attention.cache_k.shape) if l.attention.cache_k is not None else None for l in model.layers}
+
+
+def test_plain_forward_allocates_no_cache():
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=64, max_batch_size=16)).eval()
+    with torch.no_grad():
+        m(torch.randint(0, 256, (3, 10)))
+    assert _cache_shapes(m) == {None}
+
+
+def test_generate_allocates_prompt_plus_new_tokens_and_frees_it():
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=64, max_batch_size=16)).eval()
+    seen = []
+    layer0 = m.layers[0].attention
+    hook = layer0.register_forward_hook(lambda mod, args, out: seen.append(tuple(mod.cache_k.shape)))
+    prompt = torch.randint(0, 256, (3, 7))
+    out = generate(m, prompt, 5, temperature=0)
+    hook.remove()
+    K, D = m.config.kv_heads, m.config.head_dim
+    assert set(seen) == {(3, 7 + 5, K, D)}  # allocated once, never (16, 64, K, D), never regrown
+    assert _cache_shapes(m) == {None}  # freed when generation ends
+    assert out.shape == (3, 12)
+
+
+def test_explicit_prefill_cache_grows_on_decode_and_equals_uncached():
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=64, max_batch_size=16)).eval()
+    x = torch.randint(0, 256, (2, 20))
+    K, D = m.config.kv_heads, m.config.head_dim
+    with torch.no_grad():
+        full = m(x, kv_cache=False)[0]
+        steps = [m(x[:, :6], 0, kv_cache=True)[0]]
+        assert _cache_shapes(m) == {(2, 6, K, D)}  # exactly the prompt
+        steps += [m(x[:, p:p + 1], p)[0] for p in range(6, 20)]  # decode: the cache doubles as needed
+        assert _cache_shapes(m) == {(2, 24, K, D)}  # 6 -> 12 -> 24, never max_seq_len (64)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    m.reset_cache()
+    assert _cache_shapes(m) == {None}
+
+
+def test_decode_without_a_filled_cache_is_refused():
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=64)).eval()
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        m(x, 0)  # a plain forward: fills nothing
+        with pytest.raises(ValueError, match=r"would leave a gap.*kv_cache=True"):
+            m(x[:, :1], 8)
+
+
+def test_setup_cache_checks_the_limits():
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=64, max_batch_size=4)).eval()
+    with pytest.raises(ValueError, match=r"batch size 5 exceeds the KV cache's max_batch_size \(4\)"):
+        m.setup_cache(5, 10)
+    with pytest.raises(ValueError, match=r"65 positions > max_seq_len \(64\)"):
+        m.setup_cache(1, 65)
+    m.setup_cache(2, 10)
+    assert _cache_shapes(m) == {(2, 10, m.config.kv_heads, m.config.head_dim)}

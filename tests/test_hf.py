@@ -83,7 +83,7 @@ def test_logits_cached_decode_and_greedy_generation_match_transformers(name, tmp
         ref = hf(x).logits  # (B, T, V)
         full, _ = ours(x, kv_cache=False)
         prefill = 5  # then one token at a time through our KV cache
-        steps = [ours(x[:, :prefill], start_pos=0)[0]]
+        steps = [ours(x[:, :prefill], start_pos=0, kv_cache=True)[0]]
         steps += [ours(x[:, pos, None], start_pos=pos)[0] for pos in range(prefill, x.shape[1])]
         cached = torch.cat(steps, dim=1)
     d_full, d_cached = max_diff(full, ref), max_diff(cached, ref)

@@ -34,7 +34,7 @@ def test_cached_decode_equals_uncached_forward(variant):
         full, _ = model(tokens, kv_cache=False)               # (B, T, V) without the cache
         starts = [0, 8, 11] + list(range(14, 20))             # prefill 8, two chunks of 3, then 1 token each
         ends = starts[1:] + [20]
-        cached = torch.cat([model(tokens[:, s:e], s)[0] for s, e in zip(starts, ends)], dim=1)
+        cached = torch.cat([model(tokens[:, s:e], s, kv_cache=True)[0] for s, e in zip(starts, ends)], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
     greedy_cached = generate(model, tokens[:, :6], 12, temperature=0)
     greedy_plain = generate(model, tokens[:, :6], 12, temperature=0, use_cache=False)
@@ -62,7 +62,7 @@ def test_loss_is_next_token_cross_entropy():
     (lambda m: m(torch.tensor([[-1, 2]])), r"token ids must be in \[0, 256\)"),
     (lambda m: m(torch.zeros(1, 49, dtype=torch.long)), r"exceed max_seq_len \(48\).*at most 48 tokens"),
     (lambda m: m(torch.zeros(1, 4, dtype=torch.long), 46), r"positions 46..49 exceed max_seq_len \(48\)"),
-    (lambda m: m(torch.zeros(9, 4, dtype=torch.long)), r"batch size 9 exceeds max_batch_size \(8\)"),
+    (lambda m: m(torch.zeros(9, 4, dtype=torch.long), kv_cache=True), r"batch size 9 exceeds max_batch_size \(8\)"),
     (lambda m: m(torch.zeros(4, dtype=torch.long)), r"tokens must be \(batch, seq_len\)"),
     (lambda m: m(torch.zeros(1, 4)), r"tokens must be integer ids"),
     (lambda m: generate(m, torch.zeros(1, 40, dtype=torch.long), 10), r"prompt length \(40\) \+ max_new_tokens \(10\)"),

@@ -96,7 +96,7 @@ def test_model_with_the_triton_backend_equals_sdpa():
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=name)
     a.eval(), b.eval()
     with torch.no_grad():  # prefill then one cached decode step (T=1 against S keys)
-        torch.testing.assert_close(b(x[:, :12])[0], a(x[:, :12])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b(x[:, :12], kv_cache=True)[0], a(x[:, :12], kv_cache=True)[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b(x[:, 12:13], start_pos=12)[0], a(x[:, 12:13], start_pos=12)[0],
                                    rtol=1e-5, atol=1e-5)
 

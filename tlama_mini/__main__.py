@@ -1,4 +1,4 @@
-"""`python -m tlama_mini train|sample ...` (and `torchrun ... -m tlama_mini train ...`); see cli.py."""
+"""`python -m tlama_mini train|sample|chat ...` (and `torchrun ... -m tlama_mini train ...`); see cli.py."""
 import sys
 
 from .cli import main

@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     m("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None, help="share token_emb and output")
     m("--set", action="append", default=[], metavar="NAME=VALUE", help="any other TlamaConfig field, e.g. --set qk_norm=true")
 
+    from .chat import add_chat_parser
+    add_chat_parser(sub)  # `chat`: a real pretrained model from its GGUF file (tlama_mini/chat.py)
     s = sub.add_parser("sample", formatter_class=_Help,
                        help="generate text from a checkpoint", description="Generate text from a trained checkpoint.")
     b = s.add_argument
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter() - (seconds_since_launch() if argv is None else 0.0)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "chat":
+            from .chat import cmd_chat
+            return cmd_chat(args)
         return cmd_train(args, started) if args.command == "train" else cmd_sample(args)
     except KeyboardInterrupt:  # outside the training loop (which saves and exits cleanly by itself)
         print("\ninterrupted", file=sys.stderr)

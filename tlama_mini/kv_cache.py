@@ -1,9 +1,14 @@
 """The KV cache: keys and values of past positions, kept so that each decode step computes
 attention for one new token instead of re-running the whole prefix (gpt-fast's design).
 
-Buffers are preallocated once at the full (max_batch_size, max_seq_len) size, on the device and in
-the dtype of the keys that first arrive, and written at explicit positions (`start_pos`), so a step
-never reallocates or copies the past. They are non-persistent: never saved in a checkpoint.
+Buffers are sized to the request, not to the config's limits: `allocate(batch_size, seq_len)`
+(called by `Transformer.setup_cache`, which `generate` calls with the prompt length plus the new
+tokens) makes them exactly that large, and an `update` that runs past the end grows them (capacity
+doubled, at most max_seq_len, the past copied once). A (max_batch_size, max_seq_len) cache for a
+real model is gigabytes: SmolLM2-135M's 30 layers x 32 x 8192 positions x 3 heads x 64 x K and V
+in float32 are 12 GB, while a 200-token chat needs 9 MB. Keys are written at explicit positions
+(`start_pos`), so a decode step never copies the past. Buffers are non-persistent: never saved in a
+checkpoint. `length` counts the positions written so far: attention never reads past it.
 Legend: B batch, T new positions, S cached positions (start_pos + T), K kv heads, D head_dim.
 """
 from __future__ import annotations
@@ -17,37 +22,77 @@ class KVCache(nn.Module):
         super().__init__()
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
-        self.shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
-        self.register_buffer("cache_k", None, persistent=False)  # (B_max, S_max, K, D) once allocated
+        self.n_kv_heads, self.head_dim = n_kv_heads, head_dim
+        self.length = 0  # positions 0..length-1 hold keys and values
+        self.register_buffer("cache_k", None, persistent=False)  # (B_cap, S_cap, K, D) once allocated
         self.register_buffer("cache_v", None, persistent=False)
 
-    def _ensure_allocated(self, like: torch.Tensor) -> None:
+    @property
+    def allocated(self) -> bool:
+        return self.cache_k is not None
+
+    def _check_size(self, batch_size: int, seq_len: int) -> None:
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"batch size {batch_size} exceeds the KV cache's max_batch_size ({self.max_batch_size}); "
+                             "use a smaller batch, raise config.max_batch_size, or run without the cache "
+                             "(model.train(), or config kv_cache=False)")
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"KV-cache overflow: {seq_len} positions > max_seq_len ({self.max_seq_len}); crop the "
+                             "prompt or generate fewer tokens, or raise config.max_seq_len")
+
+    def allocate(self, batch_size: int, seq_len: int, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        """Empty buffers (batch_size, seq_len, K, D): room for exactly this request."""
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1")
+        self._check_size(batch_size, seq_len)
+        shape = (batch_size, seq_len, self.n_kv_heads, self.head_dim)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def _fit(self, B: int, end: int, like: torch.Tensor) -> None:
+        """Make the buffers hold B rows and `end` positions, on like's device and dtype, keeping the past."""
         k = self.cache_k
         stale = (k is None or k.device != like.device or k.dtype != like.dtype
                  # a buffer made under torch.inference_mode cannot be written outside it
                  or (k.is_inference() and not torch.is_inference_mode_enabled()))
-        if stale:
-            self.cache_k = torch.zeros(self.shape, device=like.device, dtype=like.dtype)
-            self.cache_v = torch.zeros(self.shape, device=like.device, dtype=like.dtype)
+        if not stale and B <= k.shape[0] and end <= k.shape[1]:
+            return
+        rows = max(B, k.shape[0]) if k is not None else B
+        cap = end if k is None else min(self.max_seq_len, max(end, 2 * k.shape[1]))  # amortised growth
+        old_k, old_v, n = self.cache_k, self.cache_v, self.length
+        self.allocate(rows, cap, device=like.device, dtype=like.dtype)
+        if old_k is not None and n > 0:
+            keep = min(rows, old_k.shape[0])
+            self.cache_k[:keep, :n] = old_k[:keep, :n]
+            self.cache_v[:keep, :n] = old_v[:keep, :n]
+        self.length = n
 
     def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys/values (B, T, K, D) at positions start_pos..start_pos+T-1 and return all keys and
         values of positions 0..start_pos+T-1: two tensors (B, S, K, D)."""
         B, T = xk.shape[:2]
-        if B > self.max_batch_size:
-            raise ValueError(f"batch size {B} exceeds the KV cache's max_batch_size ({self.max_batch_size}); "
-                             "use a smaller batch, raise config.max_batch_size, or run without the cache "
-                             "(model.train(), or config kv_cache=False)")
         if start_pos < 0:
             raise ValueError(f"start_pos ({start_pos}) must be >= 0")
-        if start_pos + T > self.max_seq_len:
-            raise ValueError(f"KV-cache overflow: start_pos ({start_pos}) + seq_len ({T}) = {start_pos + T} "
+        end = start_pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"KV-cache overflow: start_pos ({start_pos}) + seq_len ({T}) = {end} "
                              f"> max_seq_len ({self.max_seq_len}); crop the prompt or generate fewer tokens, "
                              "or raise config.max_seq_len")
-        self._ensure_allocated(xk)
-        end = start_pos + T
+        self._check_size(B, end)
+        if start_pos > self.length:
+            raise ValueError(f"the KV cache holds positions 0..{self.length - 1} only ({self.length} positions), so "
+                             f"keys at start_pos {start_pos} would leave a gap: run the prompt first with "
+                             "model(prompt, 0, kv_cache=True), or call model.setup_cache(batch_size, seq_len) "
+                             "before it")
+        if start_pos > 0 and self.cache_k is not None and B > self.cache_k.shape[0]:
+            raise ValueError(f"batch size {B} at start_pos {start_pos} exceeds the {self.cache_k.shape[0]} rows "
+                             "the prefill cached; decode the same batch that was prefilled")
+        self._fit(B, end, xk)
         self.cache_k[:B, start_pos:end] = xk.detach()
         self.cache_v[:B, start_pos:end] = xv.detach()
+        self.length = end
         if torch.is_grad_enabled() and (xk.requires_grad or xv.requires_grad):
             # keep the autograd path through the new keys/values (eval mode with gradients on)
             return (torch.cat([self.cache_k[:B, :start_pos], xk], dim=1),
@@ -55,6 +100,7 @@ class KVCache(nn.Module):
         return self.cache_k[:B, :end], self.cache_v[:B, :end]  # (B, S, K, D) each
 
     def reset(self) -> None:
-        """Free the buffers; they are allocated again on the next update."""
+        """Free the buffers; they are allocated again by `allocate` or the next update."""
         self.cache_k = None
         self.cache_v = None
+        self.length = 0

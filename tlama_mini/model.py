@@ -167,7 +167,9 @@ class Transformer(nn.Module):
         With `targets` (B, T) the loss is the mean next-token cross-entropy (ignore_index=-100),
         plus `moe_aux_loss_coef` times the load-balancing loss of MoE layers. With
         config.blockwise_chunk_size set, training computes the loss chunk by chunk and returns
-        logits=None. kv_cache: None (default) uses the cache in eval mode without targets.
+        logits=None. kv_cache (eval mode, no targets only): None (default) uses the cache when one is
+        set up (`setup_cache`, or an earlier kv_cache=True prefill) or start_pos > 0, so a plain
+        forward allocates none; True uses it, allocating one sized to this call when there is none.
         images (I, 3, H, W) float, for a model with config.vision: their features fill, in order, the
         positions where tokens == config.image_token_id; targets equal to that id are ignored in the loss.
         """
@@ -175,7 +177,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         c = self.config
         if kv_cache is None:
-            kv_cache = targets is None
+            kv_cache = targets is None and (start_pos > 0 or self.layers[0].attention.cache.allocated)
         use_cache = kv_cache and c.kv_cache and not self.training
         if use_cache and B > c.max_batch_size:
             raise ValueError(f"batch size {B} exceeds max_batch_size ({c.max_batch_size}) of the KV cache; use a "
@@ -211,6 +213,13 @@ class Transformer(nn.Module):
         if aux and c.moe_aux_loss_coef > 0:
             loss = loss + c.moe_aux_loss_coef * torch.stack(aux).sum()
         return logits, loss
+
+    def setup_cache(self, batch_size: int, seq_len: int) -> None:
+        """Allocate every layer's KV cache for `batch_size` rows and `seq_len` positions (prompt plus
+        new tokens), on the model's device and dtype; `generate` calls it with what it needs."""
+        w = self.token_emb.weight
+        for layer in self.layers:
+            layer.attention.cache.allocate(batch_size, seq_len, device=w.device, dtype=w.dtype)
 
     def reset_cache(self) -> None:
         """Free every layer's KV cache."""

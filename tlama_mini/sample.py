@@ -80,6 +80,8 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
     try:
         seq = tokens
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        if use_cache:  # sized to this request, never max_batch_size x max_seq_len
+            model.setup_cache(B, T + max_new_tokens)
         logits, _ = model(tokens, 0, kv_cache=use_cache, images=images)  # prefill: (B, T, V)
         for step in range(max_new_tokens):
             nxt = sample_next_token(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
@@ -96,6 +98,8 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
                 logits, _ = model(seq, 0, kv_cache=False, images=images)  # (B, T + step + 1, V)
     finally:
+        if use_cache:
+            model.reset_cache()  # free it: the next plain forward allocates nothing
         model.train(was_training)
 
 

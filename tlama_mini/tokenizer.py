@@ -7,6 +7,8 @@
   adjacent pair of ids with a new id (a "merge"). Text is first split into chunks (words, numbers,
   punctuation, whitespace) by a regex, and merges never cross chunks, so " dog" and "dog." share " dog".
 - `BPETokenizer.from_gpt2()`: GPT-2's own merges, giving exactly tiktoken's "gpt2" ids.
+- `BPETokenizer.from_vocab(tokens, merges, ...)`: any GPT-2-style vocabulary whose ids are not laid out
+  as bytes-then-merges (a GGUF file's, `tlama_mini.gguf`), with optional digit splitting (SmolLM).
 
 Encoding applies the learned merges in the order they were learned: in each chunk, merge the adjacent
 pair that was learned earliest, again and again, until no adjacent pair is a known merge.
@@ -29,6 +31,12 @@ from .paths import find_data_file
 # runs (leaving the last space of a run before a word to that word), and any leftover whitespace.
 # tiktoken's r50k/gpt2 pattern is written differently (possessive quantifiers) but splits the same way.
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM (llama.cpp's "smollm" pre-tokenizer, HF's Digits(individual_digits=True) before ByteLevel):
+# every digit is its own chunk first, then the GPT-2 pattern splits the text between digits. So numbers
+# are read digit by digit (arithmetic sees the same token for a "7" anywhere), and a whitespace run
+# before a digit stays one chunk (one sequence of pieces cannot be written as one regex alternation:
+# "x  1" gives "x", "  ", "1", not "x", " ", " ", "1").
+DIGIT_PATTERN = r"\p{N}"
 ENDOFTEXT = "<|endoftext|>"
 
 
@@ -111,26 +119,54 @@ class CharTokenizer:
 
 class BPETokenizer:
     """Byte-level BPE. ids 0..255 are single bytes (`byte_order[i]` is the byte of id i), merge k
-    creates id 256 + k from `merges[k]`, and special tokens (e.g. "<|endoftext|>") come last."""
+    creates id 256 + k from `merges[k]`, and special tokens (e.g. "<|endoftext|>") come last.
+    A tokenizer read from a model file (`tlama_mini.gguf`) also has a chat template and its end
+    tokens: `chat_template`, `eos_token_id`, `bos_token_id` (None otherwise)."""
+
+    chat_template: str | None = None
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
 
     def __init__(self, merges: Sequence[tuple[int, int]] = (), *, special_tokens: dict[str, int] | None = None,
-                 pattern: str | None = GPT2_SPLIT_PATTERN, byte_order: Sequence[int] = range(256)):
+                 pattern: str | None = GPT2_SPLIT_PATTERN, byte_order: Sequence[int] = range(256),
+                 byte_ids: Sequence[int] | None = None, merge_ids: Sequence[int] | None = None,
+                 split_digits: bool = False):
+        """Default layout: id i < 256 is byte byte_order[i], merge k creates id 256 + k. Other layouts
+        (a GGUF vocabulary): byte_ids[b] is the id of byte b and merge k creates merge_ids[k] (two merges
+        may create the same token). Merge k has priority k either way; split_digits: SmolLM's rule."""
         if sorted(byte_order) != list(range(256)):
             raise ValueError("byte_order must be a permutation of the 256 byte values")
         self.pattern = pattern
         self._split = regex.compile(pattern) if pattern else None
+        self.split_digits = split_digits
+        self._digits = regex.compile(f"({DIGIT_PATTERN})") if split_digits else None
         self.byte_order = list(byte_order)
-        self.byte_to_id = [0] * 256
-        for i, b in enumerate(self.byte_order):
-            self.byte_to_id[b] = i
-        self.vocab: dict[int, bytes] = {i: bytes([b]) for i, b in enumerate(self.byte_order)}
-        # Each merge gets the next id, so a smaller new id means "learned earlier" = higher priority.
+        if byte_ids is None:
+            byte_ids = [0] * 256
+            for i, b in enumerate(self.byte_order):
+                byte_ids[b] = i
+        elif len(byte_ids) != 256 or len({i for i in byte_ids if i is not None}) != sum(i is not None for i in byte_ids):
+            raise ValueError("byte_ids must give 256 distinct ids (or None), one per byte value")
+        # None: a byte with no token (SmolLM's vocabulary lacks 0x04 and bytes UTF-8 text rarely or never
+        # uses); encoding drops it, like HF's `tokenizers` BPE without an unknown token
+        self.byte_to_id = list(byte_ids)
+        self.vocab: dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(self.byte_to_id) if i is not None}
+        merge_ids = range(256, 256 + len(merges)) if merge_ids is None else merge_ids
+        if len(merge_ids) != len(merges):
+            raise ValueError(f"{len(merges)} merges but {len(merge_ids)} merge_ids")
+        # merges: pair -> the id it creates; _rank: pair -> priority (the merge learned earliest wins)
         self.merges: dict[tuple[int, int], int] = {}
-        for new_id, (a, b) in enumerate(merges, start=256):
+        self._rank: dict[tuple[int, int], int] = {}
+        for k, ((a, b), new_id) in enumerate(zip(merges, merge_ids)):
             if a not in self.vocab or b not in self.vocab:
-                raise ValueError(f"merge {new_id - 256} ({a}, {b}) uses an id that does not exist yet")
+                raise ValueError(f"merge {k} ({a}, {b}) uses an id that does not exist yet")
+            if (a, b) in self.merges:
+                continue  # a repeated merge keeps its first (highest) priority
             self.merges[(a, b)] = new_id
-            self.vocab[new_id] = self.vocab[a] + self.vocab[b]
+            self._rank[(a, b)] = k
+            if self.vocab.setdefault(new_id, self.vocab[a] + self.vocab[b]) != self.vocab[a] + self.vocab[b]:
+                raise ValueError(f"merge {k} ({a}, {b}) creates id {new_id}, which already stands for "
+                                 f"{self.vocab[new_id]!r}")
         self.special_tokens = dict(special_tokens or {})
         for token, i in self.special_tokens.items():
             if i in self.vocab:
@@ -185,10 +221,11 @@ class BPETokenizer:
     def _encode_chunk(self, chunk: str) -> list[int]:
         if (cached := self._cache.get(chunk)) is not None:
             return cached
-        ids = [self.byte_to_id[b] for b in chunk.encode("utf-8")]
+        # A byte with no token is dropped, as HF's `tokenizers` BPE does without an unknown token.
+        ids = [i for i in (self.byte_to_id[b] for b in chunk.encode("utf-8")) if i is not None]
         while len(ids) >= 2:
             # The pair learned earliest; pairs that are no merge rank last (infinity).
-            pair = min(zip(ids, ids[1:]), key=lambda p: self.merges.get(p, float("inf")))
+            pair = min(zip(ids, ids[1:]), key=lambda p: self._rank.get(p, float("inf")))
             if pair not in self.merges:
                 break
             ids = merge_pair(ids, pair, self.merges[pair])
@@ -199,7 +236,8 @@ class BPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Encode `text`, treating special-token strings as ordinary text."""
-        chunks = self._split.findall(text) if self._split else [text]
+        pieces = [p for p in self._digits.split(text) if p] if self._digits else [text]
+        chunks = [c for piece in pieces for c in (self._split.findall(piece) if self._split else [piece])]
         return [i for chunk in chunks for i in self._encode_chunk(chunk)]
 
     def encode(self, text: str, *, allowed_special: AbstractSet[str] | Literal["all"] = frozenset(),
@@ -232,16 +270,55 @@ class BPETokenizer:
         """ids -> text. A token can end in the middle of a UTF-8 character; such bytes become '�'."""
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """A conversation [{"role": "user", "content": "..."}, ...] -> the prompt text, rendered with
+        this tokenizer's chat template exactly as transformers' `apply_chat_template` renders it."""
+        from .chat import render_chat_template
+        names = {i: t for t, i in self.special_tokens.items()}
+        return render_chat_template(self.chat_template or "", messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=names.get(self.bos_token_id, ""), eos_token=names.get(self.eos_token_id, ""))
+
     # ---------------------------------------------------------------- saving and loading
     def to_dict(self) -> dict:
-        merges = sorted(self.merges, key=self.merges.get)
+        merges = sorted(self.merges, key=self._rank.get)
         return {"type": "bpe", "pattern": self.pattern, "byte_order": self.byte_order,
-                "merges": [list(p) for p in merges], "special_tokens": self.special_tokens}
+                "merges": [list(p) for p in merges], "special_tokens": self.special_tokens,
+                "byte_ids": self.byte_to_id, "merge_ids": [self.merges[p] for p in merges],
+                "split_digits": self.split_digits}
 
     @classmethod
     def from_dict(cls, d: dict) -> BPETokenizer:
         return cls([tuple(p) for p in d["merges"]], special_tokens=d["special_tokens"], pattern=d["pattern"],
-                   byte_order=d["byte_order"])
+                   byte_order=d["byte_order"], byte_ids=d.get("byte_ids"), merge_ids=d.get("merge_ids"),
+                   split_digits=d.get("split_digits", False))
+
+    @classmethod
+    def from_vocab(cls, tokens: Sequence[str], merges: Sequence[str], special_tokens: dict[str, int], *,
+                   pattern: str | None = GPT2_SPLIT_PATTERN, split_digits: bool = False) -> BPETokenizer:
+        """A GPT-2-style vocabulary as GGUF and HF's tokenizer.json store it: `tokens[i]` is token i spelled
+        with `bytes_to_unicode` ("Ġthe"), `merges[k]` is "a b" (two token strings, priority k), and
+        `special_tokens` maps text to id ("<|im_end|>": 2); those are matched in text, never merged."""
+        byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
+        ids = {}
+        for i, tok in enumerate(tokens):
+            if i not in special_tokens.values():
+                ids.setdefault(tok, i)
+        byte_ids = [ids.get(bytes_to_unicode()[b]) for b in range(256)]
+        if sum(i is None for i in byte_ids) > 128:
+            raise ValueError("the vocabulary has no token for most single bytes: not a byte-level BPE vocabulary")
+        pairs, merge_ids = [], []
+        for k, line in enumerate(merges):
+            a, sep, b = line.partition(" ")
+            if not sep or a not in ids or b not in ids or a + b not in ids:
+                raise ValueError(f"merge {k} {line!r} names a token that is not in the vocabulary")
+            pairs.append((ids[a], ids[b]))
+            merge_ids.append(ids[a + b])
+        tok = cls(pairs, special_tokens=special_tokens, pattern=pattern, byte_ids=byte_ids,
+                  merge_ids=merge_ids, split_digits=split_digits)
+        for i, t in enumerate(tokens):  # tokens no merge creates can still be decoded
+            if i not in tok.vocab:
+                tok.vocab[i] = bytes(byte_of[c] for c in t) if all(c in byte_of for c in t) else t.encode("utf-8")
+        return tok
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")

@@ -39,6 +39,7 @@ def check_cache_update(fn) -> None:
     start_pos = int(torch.randint(6, 12, ()))             # some positions are already cached
     T = int(torch.randint(2, 6, ()))                      # < start_pos + 1: the wrong shapes differ
     ref = KVCache(B_max, S_max, K, D)
+    ref.allocate(B_max, S_max)                             # the learner's buffers: (B_max, S_max, K, D)
     past_k, past_v = torch.randn(B, start_pos, K, D), torch.randn(B, start_pos, K, D)
     ref.update(0, past_k, past_v)                          # the prefill that came before
     cache_k, cache_v = ref.cache_k.clone(), ref.cache_v.clone()
@@ -242,21 +243,50 @@ def check_sample_loop(fn) -> None:
         if isinstance(toks, torch.Tensor) and toks.dim() == 2:
             calls.append((toks.shape[1], int(start), kwargs.get("kv_cache", None)))
 
+    def check_decode_calls() -> None:
+        decode = calls[1:]
+        if any(length > 1 for length, _, _ in decode):
+            fail(name, f"after the prefill the model was fed {[c[0] for c in decode]} tokens per step: the whole "
+                 "sequence again", "with the cache, feed only the newest token: model(next_token[:, None], start_pos)")
+        got_pos = [s for _, s, _ in decode]
+        want_pos = list(range(T, T + len(decode)))
+        if got_pos != want_pos:
+            if got_pos and all(s == 0 for s in got_pos):
+                problem = "every decode step used start_pos=0, which overwrites the cache at position 0"
+            elif got_pos and got_pos == [s + 1 for s in want_pos]:
+                problem = "start_pos is one too large (the first new token sits at position T, right after the prompt)"
+            elif got_pos and got_pos == [s - 1 for s in want_pos]:
+                problem = "start_pos is one too small: it overwrites the last prompt position"
+            else:
+                problem = f"decode steps used start_pos {got_pos}, expected {want_pos}"
+            fail(name, problem, "the token generated at step i (0-based) is fed at start_pos = T + i")
+
     handle = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
             out = call(name, fn, model, tokens.clone(), n,
                        hint="logits, _ = model(tokens, start_pos): the model returns a pair (logits (B, T, V), loss); "
                        "feed it int64 tokens of shape (B, T), a decode step's token as (B, 1): next_token[:, None]")
-    except ExerciseFailed:
+    except ExerciseFailed as failed:
         bad = [s for s in shapes if len(s) != 2]
         if bad:
             fail(name, f"the model was fed tokens of shape {bad[0]}; it takes (B, T) token ids, so a single new token "
                  f"per row is (B, 1) = ({B}, 1)", "model(next_token[:, None], start_pos): argmax(-1) drops the "
                  "vocabulary dim and leaves (B,); add the time dim back (or argmax(-1, keepdim=True))")
+        crash = failed.__context__  # the learner's exception, when `call` turned a crash into the failure
+        if isinstance(crash, ValueError) and "would leave a gap" in str(crash):
+            first = calls[0] if calls else None
+            if first is not None and first[1] == 0 and first[2] is not True:
+                fail(name, "the prefill model(tokens, 0) ran without a cache (a plain forward allocates none), so "
+                     "the first decode step found no keys to attend to",
+                     "prefill with model(tokens, 0, kv_cache=True): it fills a cache sized to the prompt")
+            check_decode_calls()
+            fail(name, f"a decode step left a gap in the cache: {crash}",
+                 "the token generated at step i (0-based) is fed at start_pos = T + i")
         raise
     finally:
         handle.remove()
+        model.reset_cache()
     if not isinstance(out, torch.Tensor):
         fail(name, f"returned {type(out).__name__}, expected a tensor (B, T + n)", "did you forget a `return`?")
     if out.shape == (B, n):
@@ -264,29 +294,17 @@ def check_sample_loop(fn) -> None:
              "return the prompt followed by the new tokens: torch.cat([tokens, new], dim=1)")
     if not calls:
         fail(name, "the model was never called (note: model.forward(...) bypasses the check's hooks)",
-             "call model(tokens, start_pos) for the prompt, then for each new token")
+             "call model(tokens, 0, kv_cache=True) for the prompt, then model(token[:, None], start_pos) "
+             "for each new token")
     if calls[0][1] != 0 or calls[0][0] != T:
         fail(name, f"the first call fed {calls[0][0]} tokens at start_pos={calls[0][1]}; expected the whole "
              f"prompt ({T} tokens) at start_pos=0 (the prefill)")
     if any(kv is False for _, _, kv in calls):
         fail(name, "the model was called with kv_cache=False: the cache is never used",
-             "call model(tokens, start_pos) (or kv_cache=True) so each layer reads and writes its cache")
+             "prefill with model(tokens, 0, kv_cache=True), then model(token[:, None], start_pos), so each "
+             "layer reads and writes its cache")
+    check_decode_calls()
     decode = calls[1:]
-    if any(length > 1 for length, _, _ in decode):
-        fail(name, f"after the prefill the model was fed {[c[0] for c in decode]} tokens per step: the whole "
-             "sequence again", "with the cache, feed only the newest token: model(next_token[:, None], start_pos)")
-    got_pos = [s for _, s, _ in decode]
-    want_pos = list(range(T, T + len(decode)))
-    if got_pos != want_pos:
-        if got_pos and all(s == 0 for s in got_pos):
-            problem = "every decode step used start_pos=0, which overwrites the cache at position 0"
-        elif got_pos and got_pos == [s + 1 for s in want_pos]:
-            problem = "start_pos is one too large (the first new token sits at position T, right after the prompt)"
-        elif got_pos and got_pos == [s - 1 for s in want_pos]:
-            problem = "start_pos is one too small: it overwrites the last prompt position"
-        else:
-            problem = f"decode steps used start_pos {got_pos}, expected {want_pos}"
-        fail(name, problem, "the token generated at step i (0-based) is fed at start_pos = T + i")
     if len(decode) not in (n - 1, n):
         fail(name, f"{len(decode)} decode calls for n={n} new tokens; expected {n - 1} (or {n})")
     check_tensor(name, out, expected, atol=0, rtol=0,
