@@ -90,7 +90,7 @@ def test_llama4_text_logits_cached_decode_and_greedy_generation_match_transforme
         ref = hf(x).logits  # (B, T, V)
         full, _ = ours(x, kv_cache=False)
         prefill = 5
-        steps = [ours(x[:, :prefill], start_pos=0)[0]]
+        steps = [ours(x[:, :prefill], start_pos=0, kv_cache=True)[0]]
         steps += [ours(x[:, pos, None], start_pos=pos)[0] for pos in range(prefill, x.shape[1])]
         cached = torch.cat(steps, dim=1)
     d_full, d_cached = max_diff(full, ref), max_diff(cached, ref)

@@ -117,7 +117,7 @@ def test_vision_checkpoint_logits_cached_decode_and_generation_match_transformer
         ref = hf_logits(hf, ids, pix)
         full, _ = ours(ids, images=pix, kv_cache=False)
         prefill = 40  # both rows' images are in the prefill; then one token at a time
-        steps = [ours(ids[:, :prefill], images=pix)[0]]
+        steps = [ours(ids[:, :prefill], images=pix, kv_cache=True)[0]]
         steps += [ours(ids[:, p, None], start_pos=p)[0] for p in range(prefill, ids.shape[1])]
         cached = torch.cat(steps, dim=1)
         text_only = hf.language_model(ids.masked_fill(ids == IMG, 0)).logits
