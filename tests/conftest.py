@@ -4,6 +4,7 @@ network or anything beside the checkout."""
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +14,16 @@ def module_token_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as m:
         m.setenv("TLAMA_TOKEN_CACHE", str(tmp_path_factory.mktemp("tokens")))
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: exercise checks run many tiny tensor ops, which a busy machine makes
+    many times slower through torch's thread pool. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,9 @@ from tlama_mini.checks.common import expect_failure_on_every_draw
 from tlama_mini.embeddings import add_positions, position_shift_matrix, sinusoidal_positions
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
+
 # ----------------------------------------------------------------- the reference module
 def test_sinusoidal_positions_matches_the_paper_formula():
     n_pos, dim = 7, 6
@@ -50,15 +53,6 @@ def test_errors_name_the_problem():
 
 # ----------------------------------------------------------------- the checks
 SEEDS = range(30)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expect_failure(check, fn, *words):

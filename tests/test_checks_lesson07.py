@@ -12,13 +12,7 @@ from tlama_mini.checks.lesson07 import check_load_balancing_loss, check_moe_forw
 SEEDS = range(30)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def fails_with(check, fn, *words):

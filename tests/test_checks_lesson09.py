@@ -14,13 +14,7 @@ SEEDS = range(30)
 SEEDS_MODEL = range(12)  # check_sample_loop builds a model on every call
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def fails_with_all_seeds(check, fn, *words, seeds=SEEDS):

@@ -12,13 +12,7 @@ from tlama_mini.checks.lesson11 import check_fused_split, check_lora_forward, ch
 SEEDS = range(30)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The checks' tensors are tiny: on a busy machine, torch's thread pool makes them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def fails_with(check, fn, *words):

@@ -16,17 +16,9 @@ from tlama_mini.checks.lesson14 import check_attn_fwd_kernel, check_causal_key_e
 
 KERNEL_SEEDS = range(12)  # each draw launches a kernel in the interpreter; the probe behind issue 22 ran 30
 SEEDS = range(30)
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),  # the wrong kernels'
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny tensors: see conftest.one_thread
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),  # the wrong kernels'
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]  # exp overflow, NaN
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The references are tiny tensors: on a busy machine, torch's thread pool makes them 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def fails_with(check, fn, *words, seeds=KERNEL_SEEDS):

@@ -276,6 +276,22 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                             f"pytorch_model.bin; found {found}")
 
 
+def check_tensors_match(tensors: dict[str, torch.Tensor], to_hf: Any, config: TlamaConfig) -> None:
+    """Refuse, by name, a checkpoint whose tensors are not exactly those `to_hf(Transformer(config))` would
+    write, with the same shapes (the config and the weights of different models)."""
+    with torch.device("meta"):  # the expected names and shapes, without allocating memory
+        expected = {k: v.shape for k, v in to_hf(Transformer(config)).items()}
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint tensors do not match config.json: missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, but config.json implies "
+                             f"{tuple(shape)}; the config and the weights belong to different models")
+
+
 def load_hf_checkpoint(path: str | Path, **overrides: Any) -> Transformer:
     """A `Transformer` with the weights of a Hugging Face checkpoint directory (in float32).
     `overrides` change config fields HF does not store, e.g. `max_batch_size=1, max_seq_len=4096`
@@ -294,17 +310,7 @@ def load_hf_checkpoint(path: str | Path, **overrides: Any) -> Transformer:
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF buffers
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # HF ignores a stored head when tied; so do we
-    with torch.device("meta"):  # the expected names and shapes, without allocating memory
-        expected = {k: v.shape for k, v in to_hf_state_dict(Transformer(config)).items()}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint tensors do not match config.json: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, but config.json implies "
-                             f"{tuple(shape)}; the config and the weights belong to different models")
+    check_tensors_match(tensors, to_hf_state_dict, config)
     model = Transformer(config)
     model.load_state_dict(_from_hf_state_dict(tensors, config), strict=True)
     return model

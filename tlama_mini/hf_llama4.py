@@ -287,7 +287,7 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], c: TlamaConfig) -> dict
 
 def load_llama4_checkpoint(path: Path, hf: dict[str, Any], **overrides: Any) -> torch.nn.Module:
     """A `Transformer` from a Llama 4 checkpoint directory; see `hf.load_hf_checkpoint`."""
-    from .hf import _read_tensors
+    from .hf import _read_tensors, check_tensors_match
     from .model import Transformer
 
     config = config_from_hf(hf, **overrides)
@@ -295,17 +295,7 @@ def load_llama4_checkpoint(path: Path, hf: dict[str, Any], **overrides: Any) -> 
     prefix = "language_model." if config.vision is not None else ""
     if config.tie_embeddings:
         tensors.pop(f"{prefix}lm_head.weight", None)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in to_hf_state_dict(Transformer(config)).items()}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint tensors do not match config.json: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, but config.json implies "
-                             f"{tuple(shape)}; the config and the weights belong to different models")
+    check_tensors_match(tensors, to_hf_state_dict, config)
     model = Transformer(config)
     model.load_state_dict(from_hf_state_dict(tensors, config), strict=True)
     return model
