@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import TlamaConfig
 from .kv_cache import KVCache
-from .masks import build_mask
+from .masks import causal_mask
 from .norm import RMSNorm, rms_normalize
 from .parallel import column_linear, row_linear, tp_world_size
 from .rope import apply_rope, xpos_scale
@@ -43,7 +43,8 @@ def repeat_kv(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _causal_bottom_right(T: int, S: int, device: torch.device) -> torch.Tensor:
-    return build_mask(torch.arange(S - T, S, device=device), torch.arange(S, device=device))  # (T, S)
+    """(T, S): the T queries are the last T of the S positions (S - T keys are cached before them)."""
+    return causal_mask(T, start_pos=S - T, device=device)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
