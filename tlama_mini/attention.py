@@ -150,8 +150,13 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C).
 
         start_pos: position of x[:, 0]; freq_cis: (T, D/2) rotations for those positions, or None
-        for a NoPE layer; mask: (T, S) boolean or None; kv_cache: use the cache if the config
-        enables it and the module is in eval mode (training never reads or writes it).
+        for a NoPE layer; mask: (T, S) boolean, True = may attend, or None; kv_cache: use the cache if
+        the config enables it and the module is in eval mode (training never reads or writes it).
+
+        mask=None with is_causal=False is *no mask*: every query attends to every key, in both
+        directions, as seed 001's signature has it (its examples pass mask=None and say "use a causal
+        mask" for generation). A language model needs is_causal=True or masks.causal_mask(T, start_pos);
+        `Transformer.forward` always passes one of them.
         """
         B, T, _ = x.shape
         xq = self.Wq(x).view(B, T, self.n_local_heads, self.head_dim)     # (B, T, H, D)

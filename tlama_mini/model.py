@@ -97,7 +97,9 @@ class Transformer(nn.Module):
         self._freq_cis: dict[torch.device, torch.Tensor] = {}
         self.apply(self._init_weights)
         # The LM head's weight (V, C) lives transposed in memory (strides (1, V)), moved there after
-        # initialisation; values, shape and state_dict are those of the usual layout. Batch-1 decoding
+        # initialisation, so model.output.weight.is_contiguous() is False on purpose (with tied
+        # embeddings the table is the same tensor); values, shape and state_dict are those of the usual
+        # layout, and code that needs contiguous memory (safetensors) calls .contiguous(). Batch-1 decoding
         # multiplies one row by this largest matrix of the model at every step: on CPU (MKL) that
         # product streams W about twice as fast in this layout, and larger batches are no slower
         # (benchmarks/RESULTS.md, "Generation").
