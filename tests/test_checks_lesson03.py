@@ -1,10 +1,8 @@
 """The lesson 03 (RoPE) checks accept a correct solution and reject typical mistakes by name."""
 import math
 
-import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson03 import (check_apply_rope, check_relative_score, check_rope_frequencies,
                                         check_scale_rope_frequencies)
 from tlama_mini.config import RopeScaling

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson04 import (check_causal_mask, check_masked_softmax, check_merge_heads,
                                         check_multi_head_attention, check_scaled_dot_product_attention,
                                         check_split_heads)

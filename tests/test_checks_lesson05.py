@@ -1,10 +1,8 @@
 """The lesson 05 (GQA / MQA) checks accept a correct solution and reject typical mistakes by name."""
 import math
 
-import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson05 import (check_gqa_attention, check_kv_cache_bytes, check_llama3_kv_cache_gib,
                                         check_repeat_kv)
 from tlama_mini.checks.common import expect_failure as fails_with

@@ -1,11 +1,9 @@
 """The lesson 06 (transformer block) checks accept a correct solution and reject typical mistakes by name."""
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson06 import check_block_forward, check_ffn_hidden_size, check_rms_norm, check_swiglu
 from tlama_mini.checks.common import expect_failure as fails_with
 

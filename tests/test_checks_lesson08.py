@@ -2,10 +2,8 @@
 typical mistakes by name."""
 import math
 
-import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed
 from tlama_mini.checks.lesson08 import (check_attention_backward, check_attention_probs_from_lse,
                                         check_blockwise_cross_entropy, check_online_softmax_update,
                                         check_tiled_attention_forward)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tlama_mini.checks.common import ExerciseFailed, expect_failure
+from tlama_mini.checks.common import expect_failure
 from tlama_mini.checks.lesson10 import check_bits_per_char, check_evaluate, check_lr_at, check_train_step
 
 SEEDS = range(30)

@@ -127,8 +127,9 @@ def test_sigmoid_router_scales_the_expert_input_and_batched_equals_loop():
     for w in (moe.w1, moe.w2, moe.w3):
         torch.nn.init.normal_(w, std=0.5)
     x = torch.randn(3, 7, 16)
-    y = moe(x)
-    assert torch.allclose(y, moe_loop(moe, x), atol=1e-5)
+    y, aux = moe(x)
+    y_loop, aux_loop = moe_loop(moe, x)
+    assert torch.allclose(y, y_loop, atol=1e-5) and torch.allclose(aux, aux_loop)
     # by hand for one token: sum over its top-2 experts of expert(sigmoid(logit) * x) + shared(x)
     xf = x.reshape(-1, 16)[4]
     logits = moe.gate(xf)

@@ -123,3 +123,20 @@ def test_xpos_scores_decay_with_relative_distance_only():
     qm, _ = apply_rope(q, q, freqs[30:31])
     kn, _ = apply_rope(k, k, freqs[10:11])
     assert score(30, 10) == pytest.approx((qm * kn * zeta ** (20 / base)).sum().item(), rel=1e-4)
+
+
+def test_rms_norm_function_is_the_module_and_the_formula():
+    from tlama_mini.norm import rms_norm
+    x, w = torch.randn(3, 5, 24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    formula = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 0.1) * w
+    torch.testing.assert_close(rms_norm(x, w, 0.1), formula, rtol=1e-5, atol=1e-6)  # computed in float32
+    module = RMSNorm(24, eps=0.1).double()
+    with torch.no_grad():
+        module.weight.copy_(w)
+    assert torch.equal(module(x), rms_norm(x, w, 0.1))
+    xb = x.bfloat16()  # normalised in float32, rounded to the input's dtype before the scale
+    yb = rms_norm(xb, w.bfloat16(), 0.1)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb.double(), formula, atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="expects last dim 24"):
+        rms_norm(torch.randn(2, 23), w, 1e-6)

@@ -3,6 +3,7 @@ equal to SDPA, to `tlama_mini.flash` and to the written-out formula, causal and 
 lengths that are not tile multiples, fp32/bf16/fp16; the model's `attn_backend="triton"`; clear errors."""
 import builtins
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -101,6 +102,12 @@ def test_model_with_the_triton_backend_equals_sdpa():
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_causal_is_the_default_as_in_flash_attention():
+    default = {f.__name__: inspect.signature(f).parameters["causal"].default
+               for f in (flash_attention, triton_flash_attention)}
+    assert default == {"flash_attention": True, "triton_flash_attention": True}
+
+
 def test_bad_input_is_refused():
     q, k, v = inputs(1, 3, 2, 8, 8, 16)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
@@ -109,9 +116,9 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="fewer keys"):
         triton_flash_attention(q, k, v, causal=True)
     with pytest.raises(ValueError, match="one dtype"):
-        triton_flash_attention(q, k.detach().double(), v.detach().double())
+        triton_flash_attention(q, k.detach().double(), v.detach().double(), causal=False)
     with pytest.raises(ValueError, match="powers of two >= 16"):
-        triton_flash_attention(q, k, v, block_m=24)
+        triton_flash_attention(q, k, v, causal=False, block_m=24)
     with pytest.raises(ValueError, match="explicit masks"):
         attention(q, k, v, torch.ones(9, 8, dtype=torch.bool, device=DEVICE), backend="triton")
     with pytest.raises(ValueError, match="attn_backend='triton' supports plain causal"):

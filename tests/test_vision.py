@@ -143,9 +143,17 @@ def test_training_with_images_ignores_image_positions_in_the_loss(vlm):
     inputs, targets = ids[:, :-1], ids[:, 1:]
     ours.train()
     try:
-        logits, loss = ours(inputs, targets=targets, images=pix)
+        aux_losses = []  # what each MoE layer returned as its load-balancing loss
+        hooks = [layer.ffn.register_forward_hook(lambda mod, inp, out: aux_losses.append(out[1]))
+                 for layer in ours.layers if layer.ffn.__class__.__name__ == "MoE"]
+        try:
+            logits, loss = ours(inputs, targets=targets, images=pix)
+        finally:
+            for h in hooks:
+                h.remove()
         keep = targets != IMG
-        aux = sum(layer.ffn.aux_loss for layer in ours.layers if layer.ffn.__class__.__name__ == "MoE")
+        assert aux_losses
+        aux = sum(aux_losses)
         expect = torch.nn.functional.cross_entropy(logits[keep], targets[keep]) + ours.config.moe_aux_loss_coef * aux
         assert torch.allclose(loss, expect, atol=1e-6)
         loss.backward()

@@ -14,6 +14,7 @@ Glossary: our names (Llama's) and what other code calls them.
 |-----------------------|----------------------------------|----------------------|----------------------------------|
 | d_model               | hidden_size                      | n_embd               | width of the residual stream     |
 | n_heads / n_kv_heads  | num_attention_heads / num_key_value_heads | n_head      | query heads / key-value heads    |
+| config.kv_heads       | num_key_value_heads              | -                    | n_kv_heads, or n_heads if None   |
 | head_dim              | head_dim                         | hs                   | d_model / n_heads                |
 | n_rep                 | num_key_value_groups             | -                    | query heads per kv head          |
 | token_emb             | model.embed_tokens               | transformer.wte      | token embedding table            |
@@ -25,10 +26,21 @@ Glossary: our names (Llama's) and what other code calls them.
 | norm                  | model.norm                       | transformer.ln_f     | final norm                       |
 | output                | lm_head                          | lm_head              | LM head (to vocabulary logits)   |
 | freq_cis              | rotary_emb (cos, sin)            | -                    | RoPE rotations                   |
+| freqs_cis             | position_embeddings (cos, sin)   | -                    | the same rotations, as the       |
+|                       |                                  |                      | functions name them (seed 001)   |
 | cache_k / cache_v     | past_key_values                  | -                    | KV cache                         |
 | max_seq_len           | max_position_embeddings          | block_size           | longest sequence                 |
 | rope_theta            | rope_theta                       | -                    | RoPE base                        |
 | norm_eps              | rms_norm_eps                     | -                    | RMSNorm epsilon                  |
+
+Two spellings come from seed 001 and stay: the model attribute and the forwards' argument are
+`freq_cis` (Transformer.freq_cis, Attention.forward(x, start_pos, freq_cis, mask)), while the RoPE
+functions say `freqs_cis` (compute_freqs_cis, apply_rope(xq, xk, freqs_cis)); both hold the same
+(T, head_dim/2) complex rotations. The config field is `n_kv_heads` (None means "as many as
+n_heads"); `config.kv_heads` is the resolved number, and `Attention.n_kv_heads` holds it.
+
+mask=None means no mask (attention in both directions) for `Attention` and `TransformerBlock`; pass
+is_causal=True or masks.causal_mask for a language model (`Transformer` does).
 """
 from .attention import Attention, attention, naive_attention, repeat_kv
 from .config import PRESETS, RopeScaling, TlamaConfig

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import TlamaConfig
 from .kv_cache import KVCache
-from .masks import build_mask
+from .masks import causal_mask
 from .norm import RMSNorm, rms_normalize
 from .parallel import column_linear, row_linear, tp_world_size
 from .rope import apply_rope, xpos_scale
@@ -43,7 +43,8 @@ def repeat_kv(kv: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def _causal_bottom_right(T: int, S: int, device: torch.device) -> torch.Tensor:
-    return build_mask(torch.arange(S - T, S, device=device), torch.arange(S, device=device))  # (T, S)
+    """(T, S): the T queries are the last T of the S positions (S - T keys are cached before them)."""
+    return causal_mask(T, start_pos=S - T, device=device)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -149,8 +150,13 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, C).
 
         start_pos: position of x[:, 0]; freq_cis: (T, D/2) rotations for those positions, or None
-        for a NoPE layer; mask: (T, S) boolean or None; kv_cache: use the cache if the config
-        enables it and the module is in eval mode (training never reads or writes it).
+        for a NoPE layer; mask: (T, S) boolean, True = may attend, or None; kv_cache: use the cache if
+        the config enables it and the module is in eval mode (training never reads or writes it).
+
+        mask=None with is_causal=False is *no mask*: every query attends to every key, in both
+        directions, as seed 001's signature has it (its examples pass mask=None and say "use a causal
+        mask" for generation). A language model needs is_causal=True or masks.causal_mask(T, start_pos);
+        `Transformer.forward` always passes one of them.
         """
         B, T, _ = x.shape
         xq = self.Wq(x).view(B, T, self.n_local_heads, self.head_dim)     # (B, T, H, D)

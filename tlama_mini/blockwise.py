@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blockwise_attn import blockwise_compute_attn
-from .moe import MoE, load_balancing_loss, route
+from .moe import MoE, load_balancing_loss
 from .remat import check_policy, remat
 
 __all__ = ["BlockwiseLM", "BlockwiseParallel", "Blockwise_LM_Head", "blockwise_compute_attn",
@@ -47,12 +47,14 @@ def _check_chunk(chunk_size: int) -> None:
         raise ValueError(f"chunk_size ({chunk_size!r}) must be a positive integer")
 
 
-def blockwise_ffn(ffn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def blockwise_ffn(ffn: Callable[[torch.Tensor], torch.Tensor] | MoE, x: torch.Tensor,
+                  chunk_size: int) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Apply a per-token `ffn` (module or function, (n, C) -> (n, C)) to x (..., C) in chunks of
-    `chunk_size` tokens, each under activation checkpointing when gradients are needed.
+    `chunk_size` tokens, each under activation checkpointing when gradients are needed. Returns what
+    ffn(x) returns, with the same values: y (..., C), or (y, aux_loss) for an `MoE`.
 
-    For an `MoE` the routing is per token, so the outputs are exact; its `aux_loss` (a statistic of
-    the whole batch) is recomputed from the router on all tokens, so it equals the unchunked one.
+    For an `MoE` the routing is per token, so the outputs are exact; the aux loss is a statistic of
+    the whole batch (not a sum over chunks), so it is computed from the router on all tokens.
     """
     _check_chunk(chunk_size)
     shape = x.shape
@@ -60,22 +62,17 @@ def blockwise_ffn(ffn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     is_moe = isinstance(ffn, MoE)
 
     def run(chunk: torch.Tensor) -> torch.Tensor:
-        if not is_moe:
-            return ffn(chunk)  # (n, C)
-        kept = ffn.aux_loss
-        try:
-            return ffn(chunk)  # (n, C)
-        finally:  # a chunk's aux loss (also in the backward's recompute, which may stop early) is not the batch's
-            ffn.aux_loss = kept
+        return ffn(chunk)[0] if is_moe else ffn(chunk)  # (n, C); a chunk's aux loss is not the batch's
 
     # `ffn` may close over parameters we cannot see, so checkpoint whenever autograd is recording
     grad = torch.is_grad_enabled()
     outs = [checkpoint(run, c, use_reentrant=False) if grad else run(c)
             for c in xf.split(chunk_size, dim=0)]  # each (n, C)
+    y = torch.cat(outs, dim=0).reshape(shape)  # (..., C)
     if is_moe:
-        _, experts, probs = route(ffn.gate(xf), ffn.k, ffn.norm_topk_prob)  # (N, k), (N, E)
-        ffn.aux_loss = load_balancing_loss(probs, experts)
-    return torch.cat(outs, dim=0).reshape(shape)  # (..., C)
+        _, experts, probs = ffn.route(xf)  # (N, k), (N, E)
+        return y, load_balancing_loss(probs, experts)
+    return y
 
 
 class _LMHeadLoss(torch.autograd.Function):

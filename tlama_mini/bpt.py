@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blockwise import Blockwise_LM_Head, blockwise_compute_attn, blockwise_compute_ffn
+from .masks import causal_mask
 from .remat import check_policy, remat
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_new": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
@@ -182,8 +183,8 @@ class BlockwiseParallel(nn.Module):
             if bias is not None:
                 s = s + bias
             if self.causal:
-                future = torch.ones(T, S, dtype=torch.bool, device=s.device).triu(S - T + 1)
-                s = s + torch.where(future, -1e10, 0.0)
+                allowed = causal_mask(T, start_pos=S - T, device=s.device)  # (T, S), bottom-right aligned
+                s = s + torch.where(allowed, 0.0, -1e10)
             a = torch.softmax(s, dim=-1).to(v.dtype) @ v                           # (B, H, T, D)
         elif attention == "sdpa":
             if self.causal and (bias is not None or S != T):

@@ -111,7 +111,7 @@ class TlamaConfig:
     multiple_of: int = 256                 # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
     ffn_hidden_dim: int | None = None      # exact SwiGLU hidden size (overrides the rule; used for HF models)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5                 # Llama's value; RMSNorm(dim) alone defaults to 1e-6 (seed 001), see norm.py
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     max_batch_size: int = 32               # rows of the preallocated KV cache

@@ -46,24 +46,39 @@ class TransformerBlock(nn.Module):
         # Llama 4 pairs chunked local attention with RoPE layers; NoPE layers attend globally.
         self.chunk_size = config.attention_chunk_size if self.use_rope else None
 
-    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoE)
+
+    def _ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, C) -> (output (B, T, C), the MoE's load-balancing loss or None for a dense FFN)."""
         chunk = self.config.blockwise_chunk_size
         if chunk is not None and self.training:
             from .blockwise import blockwise_ffn
-            return blockwise_ffn(self.ffn, x, chunk)
-        return self.ffn(x)
+            out = blockwise_ffn(self.ffn, x, chunk)
+        else:
+            out = self.ffn(x)
+        return out if self.is_moe else (out, None)
 
     def forward(self, x: torch.Tensor, start_pos: int, freq_cis: torch.Tensor | None,
-                mask: torch.Tensor | None, kv_cache: bool = True, *, is_causal: bool = False) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C). Arguments as in `Attention.forward`."""
+                mask: torch.Tensor | None, kv_cache: bool = True, *, is_causal: bool = False,
+                return_aux: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, C) -> (B, T, C). Arguments as in `Attention.forward`: mask=None with
+        is_causal=False attends in both directions; pass a causal mask (masks.causal_mask) or
+        is_causal=True for a language model. return_aux=True returns (output, aux_loss) with the
+        load-balancing loss of this layer's MoE (None for a dense FFN); `Transformer` asks for it."""
         freq_cis = freq_cis if self.use_rope else None
         if self.config.parallel_block:  # PaLM: both branches read the same normalised input
             hn = self.attention_norm(x)
             a = self.attention(hn, start_pos, freq_cis, mask, kv_cache, is_causal=is_causal)
-            return x + self.dropout(a) + self.dropout(self._ffn(hn))
-        h = x + self.dropout(self.attention(self.attention_norm(x), start_pos, freq_cis, mask, kv_cache,
-                                            is_causal=is_causal))
-        return h + self.dropout(self._ffn(self.ffn_norm(h)))
+            f, aux = self._ffn(hn)
+            out = x + self.dropout(a) + self.dropout(f)
+        else:
+            h = x + self.dropout(self.attention(self.attention_norm(x), start_pos, freq_cis, mask, kv_cache,
+                                                is_causal=is_causal))
+            f, aux = self._ffn(self.ffn_norm(h))
+            out = h + self.dropout(f)
+        return (out, aux) if return_aux else out
 
 
 class Transformer(nn.Module):
@@ -82,7 +97,9 @@ class Transformer(nn.Module):
         self._freq_cis: dict[torch.device, torch.Tensor] = {}
         self.apply(self._init_weights)
         # The LM head's weight (V, C) lives transposed in memory (strides (1, V)), moved there after
-        # initialisation; values, shape and state_dict are those of the usual layout. Batch-1 decoding
+        # initialisation, so model.output.weight.is_contiguous() is False on purpose (with tied
+        # embeddings the table is the same tensor); values, shape and state_dict are those of the usual
+        # layout, and code that needs contiguous memory (safetensors) calls .contiguous(). Batch-1 decoding
         # multiplies one row by this largest matrix of the model at every step: on CPU (MKL) that
         # product streams W about twice as fast in this layout, and larger batches are no slower
         # (benchmarks/RESULTS.md, "Generation").
@@ -187,6 +204,7 @@ class Transformer(nn.Module):
         q_pos = torch.arange(start_pos, start_pos + T, device=tokens.device)
         k_pos = torch.arange(0, start_pos + T, device=tokens.device) if use_cache else q_pos
         masks: dict[int | None, torch.Tensor | None] = {}
+        aux = []  # load-balancing losses of the MoE layers
         for layer in self.layers:
             chunk = layer.chunk_size
             if chunk is None and c.sliding_window is None:  # plain causal: let the kernel build it
@@ -195,7 +213,11 @@ class Transformer(nn.Module):
                 if chunk not in masks:
                     masks[chunk] = build_mask(q_pos, k_pos, sliding_window=c.sliding_window, chunk_size=chunk)
                 mask, is_causal = masks[chunk], False
-            h = layer(h, start_pos, freq_cis, mask, use_cache, is_causal=is_causal)
+            if layer.is_moe:
+                h, layer_aux = layer(h, start_pos, freq_cis, mask, use_cache, is_causal=is_causal, return_aux=True)
+                aux.append(layer_aux)
+            else:
+                h = layer(h, start_pos, freq_cis, mask, use_cache, is_causal=is_causal)
         h = self.norm(h)  # (B, T, C)
         if targets is None:
             return self.output(h), None  # (B, T, V)
@@ -209,7 +231,6 @@ class Transformer(nn.Module):
         else:
             logits = self.output(h)  # (B, T, V)
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        aux = [layer.ffn.aux_loss for layer in self.layers if isinstance(layer.ffn, MoE)]
         if aux and c.moe_aux_loss_coef > 0:
             loss = loss + c.moe_aux_loss_coef * torch.stack(aux).sum()
         return logits, loss

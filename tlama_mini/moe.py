@@ -20,10 +20,9 @@ Legend: N tokens (B * T flattened), C d_model, E experts, k experts per token, F
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ffn import FeedForward
+from .ffn import FeedForward, swiglu
 
 
 def route(router_logits: torch.Tensor, k: int, norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,14 +51,10 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Ten
     return E * (f * P).sum()
 
 
-def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with explicit weights in nn.Linear layout: x (..., C), w1/w3 (F, C), w2 (C, F)."""
-    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
-
-
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts. forward(x) returns y; the load-balancing loss of that call is
-    kept in `self.aux_loss` (a scalar tensor, part of the autograd graph) for the model to add."""
+    """Top-k routed SwiGLU experts. forward(x) returns (y, aux_loss): the output and the
+    load-balancing loss of that call (a scalar tensor in the autograd graph) for the model to add.
+    The module keeps no state between calls."""
 
     def __init__(self, d_model: int, hidden_dim: int, n_experts: int, k: int, *,
                  shared_expert: bool = False, norm_topk_prob: bool = True, router: str = "softmax") -> None:
@@ -77,7 +72,6 @@ class MoE(nn.Module):
             nn.init.normal_(w, std=0.02)
         self.shared = (FeedForward(d_model, hidden_dim, use_parallel=False, exact=True)
                        if shared_expert else None)
-        self.aux_loss: torch.Tensor | None = None
 
     def route(self, xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens (N, C) -> (weights (N, k), experts (N, k), probs (N, E)) with this layer's router."""
@@ -85,13 +79,13 @@ class MoE(nn.Module):
             return route_sigmoid(self.gate(xf), self.k)
         return route(self.gate(xf), self.k, self.norm_topk_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., C), batched over experts."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (..., C) -> (y (..., C), aux_loss scalar), batched over experts."""
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # (N, C)
         weights, experts, probs = self.route(xf)
         scale_input = self.router == "sigmoid"
-        self.aux_loss = load_balancing_loss(probs, experts)
+        aux_loss = load_balancing_loss(probs, experts)
         flat_expert = experts.flatten()                  # (N k,)
         order = torch.argsort(flat_expert, stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat_expert, minlength=self.n_experts)   # (E,)
@@ -103,29 +97,29 @@ class MoE(nn.Module):
         w = weights.flatten()[order].to(x.dtype)         # (N k,) router weight of each assignment
         grouped = xf.new_zeros(self.n_experts, capacity, shape[-1])  # (E, cap, C), zero padded
         grouped[sorted_expert, slot] = xf[token] * w[:, None] if scale_input else xf[token]
-        h = F.silu(grouped @ self.w1.transpose(1, 2)) * (grouped @ self.w3.transpose(1, 2))  # (E, cap, F)
-        out = h @ self.w2.transpose(1, 2)                # (E, cap, C)
+        out = swiglu(grouped, self.w1, self.w2, self.w3)  # (E, cap, C), every expert in one batched matmul
         picked = out[sorted_expert, slot] if scale_input else out[sorted_expert, slot] * w[:, None]  # (N k, C)
         y = torch.zeros_like(xf).index_add_(0, token, picked)  # (N, C)
         if self.shared is not None:
             y = y + self.shared(xf)
-        return y.reshape(shape)
+        return y.reshape(shape), aux_loss
 
 
-def moe_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Reference MoE forward with the same weights: a plain loop over experts. (..., C) -> (..., C)."""
+def moe_loop(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference MoE forward with the same weights: a plain loop over experts.
+    x (..., C) -> (y (..., C), aux_loss scalar), as `MoE.forward`."""
     shape = x.shape
     xf = x.reshape(-1, shape[-1])  # (N, C)
-    weights, experts, _ = moe.route(xf)
+    weights, experts, probs = moe.route(xf)
     y = torch.zeros_like(xf)
     for e in range(moe.n_experts):
         token, which = torch.where(experts == e)  # tokens routed to e, and in which of their k slots
         if token.numel():
             w = weights[token, which, None].to(x.dtype)  # (n_e, 1)
             if moe.router == "sigmoid":  # Llama 4 scales the input of the expert
-                y.index_add_(0, token, expert_ffn(xf[token] * w, moe.w1[e], moe.w2[e], moe.w3[e]))
+                y.index_add_(0, token, swiglu(xf[token] * w, moe.w1[e], moe.w2[e], moe.w3[e]))
             else:
-                y.index_add_(0, token, expert_ffn(xf[token], moe.w1[e], moe.w2[e], moe.w3[e]) * w)
+                y.index_add_(0, token, swiglu(xf[token], moe.w1[e], moe.w2[e], moe.w3[e]) * w)
     if moe.shared is not None:
         y = y + moe.shared(xf)
-    return y.reshape(shape)
+    return y.reshape(shape), load_balancing_loss(probs, experts)

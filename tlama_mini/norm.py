@@ -11,15 +11,33 @@ import torch
 from torch import nn
 
 
+def _divide_by_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., C) / (..., 1)
+
+
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) over the last dimension, without a learned scale (Llama 4's QK-norm), computed in
     float32 and returned in x's dtype. (..., C) -> (..., C)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return _divide_by_rms(x.float(), eps).type_as(x)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as a pure function: x / sqrt(mean(x**2) + eps) * weight over the last dimension.
+    x (..., C), weight (C,) -> (..., C). The normalisation runs in float32 (a bf16 mean of squares
+    loses the small values), the result comes back in x's dtype before the scale, as in Llama."""
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"RMSNorm expects last dim {weight.shape[-1]} (its weight's size), got input of "
+                         f"shape {tuple(x.shape)}")
+    return rms_normalize(x, eps) * weight
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square normalisation over the last dimension, with a learnable scale `weight`."""
+    """Root-mean-square normalisation over the last dimension, with a learnable scale `weight`.
+    The module only holds `weight` and `eps`; the maths is `rms_norm`.
+
+    eps defaults to 1e-6 (seed 001's RMSNorm and Llama 2's code), while `TlamaConfig.norm_eps`
+    defaults to 1e-5 (seed 001's config examples, Llama 2's released params): every norm the model
+    builds passes config.norm_eps, so the module default matters only for an RMSNorm made by hand."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -29,11 +47,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))  # (C,)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        """x / rms(x), without the scale. Shape is unchanged."""
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        """x / rms(x), without the scale, in x's dtype (seed 001's method). Shape is unchanged."""
+        return _divide_by_rms(x, self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., C). Normalises in float32 for stability, then returns x's dtype."""
-        if x.shape[-1] != self.weight.shape[0]:
-            raise ValueError(f"RMSNorm expects last dim {self.weight.shape[0]}, got input of shape {tuple(x.shape)}")
-        return self._norm(x.float()).type_as(x) * self.weight
+        """(..., C) -> (..., C)."""
+        return rms_norm(x, self.weight, self.eps)

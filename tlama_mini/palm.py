@@ -43,6 +43,7 @@ from torch import nn
 
 from .attention import attention
 from .lora import LoRA
+from .masks import causal_mask
 from .rope import apply_rope, xpos_scale
 
 __all__ = ["LoRA", "PaLMLayerNorm", "ParallelTransformerBlock", "TransformerBlock"]
@@ -161,7 +162,7 @@ class ParallelTransformerBlock(nn.Module):
         if mask is not None:
             attn_mask = mask[:, None, None, :].expand(B, 1, T, T)  # (B, 1, T, S)
             if self.causal:
-                attn_mask = attn_mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                attn_mask = attn_mask & causal_mask(T, device=x.device)
             empty = ~attn_mask.any(-1, keepdim=True)  # (B, 1, T, 1): queries that see no key
             attn_mask = attn_mask | empty  # let them attend (harmlessly) and zero their output below
         out = attention(q.transpose(1, 2), k.transpose(1, 2), v[:, None], attn_mask,  # (B, H, T, D)
@@ -177,7 +178,11 @@ class ParallelTransformerBlock(nn.Module):
 
 
 class _SwiGLU(nn.Module):
-    """(..., 2F) -> (..., F): the first half gated by silu of the second (PaLM's split order)."""
+    """(..., 2F) -> (..., F): the first half gated by silu of the second (PaLM's split order).
+    PaLM's own SwiGLU, kept for checkpoint compatibility rather than calling `ffn.swiglu`: the gate
+    and the value come out of the fused projection as halves of one (..., 2F) tensor, in the
+    reference's order, and `ff_out` must be a Sequential with a module at index 0 so that the down
+    projection's key stays `ff_out.2.weight`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = x.chunk(2, dim=-1)

@@ -131,11 +131,11 @@ class TritonFlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def triton_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, *,
+def triton_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, *,
                            scale: float | None = None, block_m: int | None = None,
                            block_n: int | None = None) -> torch.Tensor:
     """Exact softmax attention by fused Triton kernels, with gradients. q (B, H, T, D); k, v (B, K, S, D),
-    H a multiple of K; causal bottom-right aligned; scale defaults to 1/sqrt(D); block_m / block_n
+    H a multiple of K; causal (default True, as `flash.flash_attention`) bottom-right aligned; scale defaults to 1/sqrt(D); block_m / block_n
     (query / key tile sizes, powers of two >= 16) default to 64 on CUDA and 16 under the interpreter.
     Returns (B, H, T, D) in q's dtype."""
     _check(q, k, v, causal)

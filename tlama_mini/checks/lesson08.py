@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..attention import naive_attention
 from ..flash import flash_attention, online_softmax_update
+from ..masks import causal_mask
 from .common import attributes_stubs, call, check_tensor, fail, passed
 
 __all__ = ["check_online_softmax_update", "check_tiled_attention_forward", "check_attention_probs_from_lse",
@@ -178,7 +179,7 @@ def check_attention_probs_from_lse(fn) -> None:
     name = "attention_probs_from_lse"
     for T, S in ((int(torch.randint(5, 10, ())),) * 2, (int(torch.randint(3, 6, ())), int(torch.randint(7, 12, ())))):
         scores = torch.randn(2, 3, T, S) * 2
-        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(S - T + 1), NEG_INF)  # causal
+        scores = scores.masked_fill(~causal_mask(T, start_pos=S - T), NEG_INF)  # causal, bottom-right aligned
         lse = torch.logsumexp(scores, dim=-1)                            # (B, H, T)
         expected = torch.softmax(scores, dim=-1)
         mistakes = {

@@ -34,7 +34,7 @@ def _launch(name: str, kernel, grid: tuple[int, ...], *args, hint: str = "", **m
         kernel[grid](*args, **meta)
     except NotImplementedError:
         raise
-    except Exception as err:  # noqa: BLE001: a learner's kernel can fail in many ways
+    except Exception as err:  # noqa: BLE001 (a learner's kernel can fail in many ways)
         cause = err.__cause__ or err
         if isinstance(cause, NotImplementedError) or "NotImplementedError" in str(err):
             raise NotImplementedError from None
