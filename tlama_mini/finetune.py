@@ -140,6 +140,13 @@ def build(cfg: Any, model_overrides: dict[str, Any], device: torch.device, resum
                              "the adapter would change the embeddings too; leave 'output' out")
         torch.manual_seed(cfg.seed)  # the adapters' initial A
         apply_lora(model, targets, rank, alpha)
+    if cfg.sft or cfg.dpo:  # conversations or preference pairs, rendered with the model's chat template
+        from .sft import add_reference_logps, load_chat_corpus
+        corpus = load_chat_corpus(cfg.sft or cfg.dpo, "sft" if cfg.sft else "dpo", tokenizer, cfg.seq_len,
+                                  assistant_only=cfg.assistant_only)
+        if cfg.dpo:  # the reference is the starting model (LoRA's B = 0: the adapters change nothing yet)
+            add_reference_logps(corpus, model.to(device), device, cfg.batch_size)
+        return corpus, config, model.to(device)
     return encode_with(tokenizer, cfg.data), config, model.to(device)
 
 
