@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         results.setdefault(name, {}).update(accuracy=acc, eval_seconds=seconds, replies=rows[:6],
                                             answer_loss=answer_loss(model, tok, sft_data))
         print(f"{name}: held-out exact match {acc:.1%} ({seconds:.0f} s)", file=sys.stderr, flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")  # so far
 
     run_sft("sft")  # also writes OUT/sft/base: the GGUF as a checkpoint
     evaluate("before", out / "sft" / "base")

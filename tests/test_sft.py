@@ -73,7 +73,7 @@ def test_sft_resume_is_exact(setup, tmp_path):
     assert main(args(tmp_path / "b", *common, "--max-steps", "3")) == 0
     assert main(["train", "--resume", "--out", str(tmp_path / "b"), "--max-steps", "6", "--quiet", "--dtype", "float32",
                  "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "2", "--seed", "3", "--seq-len", "128",
-                 "--warmup-steps", "2", "--lr", "3e-3", "--ckpt-interval", "3", "--sft", str(data)]) == 0
+                 "--warmup-steps", "2", "--lr", "3e-3", "--ckpt-interval", "3"]) == 0  # --sft from the saved run
     a, _, _ = ckpt.load_for_inference(tmp_path / "a")
     b, _, _ = ckpt.load_for_inference(tmp_path / "b")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
@@ -151,3 +151,16 @@ def test_no_assistant_only_trains_on_every_token(setup, tmp_path):
     assert main(args(tmp_path / "o", "--init-from", str(folder / "base"), "--sft", str(data), "--max-steps", "2",
                      "--no-assistant-only")) == 0
     assert json.loads((tmp_path / "o" / "config.json").read_text())["train"]["assistant_only"] is False
+
+
+def test_a_run_saved_before_the_chat_fields_still_resumes(tmp_path):
+    """saved_finetune fills the chat fields a run written before them lacks with their defaults."""
+    from tlama_mini.finetune import saved_finetune
+    from tlama_mini.trainer import TrainConfig
+    config = TlamaConfig.from_preset("tiny", vocab_size=300, max_seq_len=16)
+    train = {"init_from": "base", "lora_rank": 4, "lora_alpha": None, "lora_targets": ["Wq"], "tokenizer": "bpe"}
+    ckpt.save_checkpoint(tmp_path / "ckpt", Transformer(config), {}, {"model": config.to_dict(), "train": train})
+    saved = saved_finetune(tmp_path)
+    defaults = TrainConfig()
+    assert {k: saved[k] for k in ("sft", "dpo", "dpo_beta", "assistant_only")} == {
+        "sft": defaults.sft, "dpo": defaults.dpo, "dpo_beta": defaults.dpo_beta, "assistant_only": defaults.assistant_only}
