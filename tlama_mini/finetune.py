@@ -37,7 +37,8 @@ from .model import Transformer
 
 ADAPTER_FORMAT = "tlama-mini-lora"
 LORA_TARGETS = ("Wq", "Wk", "Wv", "Wo", "w1", "w2", "w3", "output")  # the nn.Linear names of Transformer
-FINETUNE_FIELDS = ("init_from", "lora_rank", "lora_alpha", "lora_targets")  # TrainConfig fields of a fine-tune
+# TrainConfig fields of a fine-tune (`--resume --out OUT` takes them from the saved run)
+FINETUNE_FIELDS = ("init_from", "lora_rank", "lora_alpha", "lora_targets", "sft", "dpo", "dpo_beta", "assistant_only")
 # what may differ from the base model's config when fine-tuning (the rest is the checkpoint's shape)
 CHANGEABLE = ("dropout",)
 
@@ -85,7 +86,8 @@ def saved_finetune(out: str | Path) -> dict[str, Any]:
         train = ckpt.read_config(ckpt.find_checkpoint(Path(out) / "ckpt")).get("train", {})
     except (FileNotFoundError, ValueError):
         return {}
-    return {k: train.get(k) for k in FINETUNE_FIELDS} if train.get("init_from") else {}
+    older = {"dpo_beta": 0.1, "assistant_only": True}  # runs saved before these fields existed had these
+    return {k: train.get(k, older.get(k)) for k in FINETUNE_FIELDS} if train.get("init_from") else {}
 
 
 def encode_with(tokenizer: Any, data: str) -> Corpus:
@@ -140,6 +142,13 @@ def build(cfg: Any, model_overrides: dict[str, Any], device: torch.device, resum
                              "the adapter would change the embeddings too; leave 'output' out")
         torch.manual_seed(cfg.seed)  # the adapters' initial A
         apply_lora(model, targets, rank, alpha)
+    if cfg.sft or cfg.dpo:  # conversations or preference pairs, rendered with the model's chat template
+        from .sft import add_reference_logps, load_chat_corpus
+        corpus = load_chat_corpus(cfg.sft or cfg.dpo, "sft" if cfg.sft else "dpo", tokenizer, cfg.seq_len,
+                                  assistant_only=cfg.assistant_only)
+        if cfg.dpo:  # the reference is the starting model (LoRA's B = 0: the adapters change nothing yet)
+            add_reference_logps(corpus, model.to(device), device, cfg.batch_size)
+        return corpus, config, model.to(device)
     return encode_with(tokenizer, cfg.data), config, model.to(device)
 
 

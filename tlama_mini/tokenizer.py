@@ -284,13 +284,18 @@ class BPETokenizer:
         return {"type": "bpe", "pattern": self.pattern, "byte_order": self.byte_order,
                 "merges": [list(p) for p in merges], "special_tokens": self.special_tokens,
                 "byte_ids": self.byte_to_id, "merge_ids": [self.merges[p] for p in merges],
-                "split_digits": self.split_digits}
+                "split_digits": self.split_digits, "chat_template": self.chat_template,
+                "eos_token_id": self.eos_token_id, "bos_token_id": self.bos_token_id}
 
     @classmethod
     def from_dict(cls, d: dict) -> BPETokenizer:
-        return cls([tuple(p) for p in d["merges"]], special_tokens=d["special_tokens"], pattern=d["pattern"],
-                   byte_order=d["byte_order"], byte_ids=d.get("byte_ids"), merge_ids=d.get("merge_ids"),
-                   split_digits=d.get("split_digits", False))
+        tok = cls([tuple(p) for p in d["merges"]], special_tokens=d["special_tokens"], pattern=d["pattern"],
+                  byte_order=d["byte_order"], byte_ids=d.get("byte_ids"), merge_ids=d.get("merge_ids"),
+                  split_digits=d.get("split_digits", False))
+        # a model file's chat template and end tokens (tlama_mini.gguf) survive a save: `train --sft` needs them
+        tok.chat_template, tok.eos_token_id, tok.bos_token_id = (d.get("chat_template"), d.get("eos_token_id"),
+                                                                 d.get("bos_token_id"))
+        return tok
 
     @classmethod
     def from_vocab(cls, tokens: Sequence[str], merges: Sequence[str], special_tokens: dict[str, int], *,

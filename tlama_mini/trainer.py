@@ -88,6 +88,10 @@ class TrainConfig:
     lora_rank: int | None = None    # with init_from: train LoRA adapters of this rank only
     lora_alpha: float | None = None  # LoRA scale alpha / r; None: alpha = 2 * rank
     lora_targets: tuple[str, ...] = ("Wq", "Wk", "Wv", "Wo")
+    sft: str | None = None          # with init_from: supervised fine-tuning on this conversations JSONL (sft.py)
+    dpo: str | None = None          # with init_from: DPO on this preference-pairs JSONL (sft.py, dpo.py)
+    dpo_beta: float = 0.1           # DPO's beta
+    assistant_only: bool = True     # SFT loss on the assistant's tokens only (False: on every token, to compare)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches"):
@@ -101,6 +105,12 @@ class TrainConfig:
             raise ValueError(f"max_seconds ({self.max_seconds}) must be positive")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype ({self.dtype!r}) must be auto, float32, bfloat16 or float16")
+        if self.sft and self.dpo:
+            raise ValueError("give --sft or --dpo, not both (run SFT first, then DPO with --init-from its --out)")
+        if (self.sft or self.dpo) and not self.init_from:
+            raise ValueError("--sft and --dpo fine-tune a trained chat model: pass --init-from RUN or --gguf PATH")
+        if self.dpo_beta <= 0:
+            raise ValueError(f"dpo_beta ({self.dpo_beta}) must be positive")
 
 
 def train_config(preset: str, **overrides: Any) -> TrainConfig:
@@ -160,9 +170,15 @@ class Trainer:
                                                          betas=(cfg.beta1, cfg.beta2), optimizer=cfg.optimizer,
                                                          muon_lr_ratio=cfg.muon_lr_ratio)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
-        self.sampler = BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed,
-                                    rank=self.rank, world_size=self.world)
-        self.val_batches = fixed_batches(self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
+        self.chat = bool(cfg.sft or cfg.dpo)  # conversations or preference pairs (sft.py), not plain text
+        if self.chat:
+            from .sft import ChatSampler
+            self.sampler = ChatSampler(self.corpus, cfg.batch_size, cfg.seed, rank=self.rank, world_size=self.world)
+            self.val_batches = self.corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]
+        else:
+            self.sampler = BatchSampler(self.corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed,
+                                        rank=self.rank, world_size=self.world)
+            self.val_batches = fixed_batches(self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len)
         self.step, self.train_seconds, self.history = 0, 0.0, []
         # a fine-tune's starting point: the base model's loss on the new data
         self.base_val_loss = self.evaluate(self.val_batches[self.rank::self.world]) if cfg.init_from else None
@@ -230,15 +246,32 @@ class Trainer:
         """Mean next-token loss over `batches` (this rank's share), averaged over all ranks."""
         self.model.eval()
         total, count = 0.0, 0
-        for x, y in batches:
+        for batch in batches:
+            n = self._weight(batch)
             with self._autocast():
-                _, loss = self.model(x.to(self.device), targets=y.to(self.device))
-            total, count = total + loss.item() * y.numel(), count + y.numel()
+                loss = self._loss(self.model, tuple(t.to(self.device) for t in batch))
+            total, count = total + loss.item() * n, count + n
         self.model.train()
         total, count = self._all_sum([total, count])
         return total / count
 
+    def _loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """A batch's loss: next-token cross-entropy on (x, y) (targets -100 add nothing), DPO on a pair batch."""
+        if self.chat:
+            from .sft import chat_loss
+            return chat_loss(model, batch, self.cfg.dpo_beta)
+        return model(batch[0], targets=batch[1])[1]
+
+    def _weight(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """How much a batch counts in the mean loss: its target tokens (its pairs for DPO)."""
+        if self.chat:
+            from .sft import batch_weight
+            return batch_weight(batch)
+        return batch[1].numel()
+
     def _full_split(self):
+        if self.chat:
+            return iter(self.corpus.val_batches(self.cfg.batch_size, self.rank, self.world))
         rows = max(self.cfg.batch_size, 4096 // self.cfg.seq_len)  # no gradients: bigger batches fit
         return full_split_batches(self.corpus.val, self.cfg.seq_len, rows, rank=self.rank, world_size=self.world)
 
@@ -256,7 +289,8 @@ class Trainer:
 
     def end_reserve(self) -> float:
         """Seconds to keep for the end of a timed run: final evaluation, checkpoint, samples, plot."""
-        return 1.2 * self.eval_s_per_token * len(self.corpus.val) / self.world + 0.003 * self.cfg.sample_tokens + 1.0
+        val_tokens = self.corpus.val_tokens if self.chat else len(self.corpus.val)
+        return 1.2 * self.eval_s_per_token * val_tokens / self.world + 0.003 * self.cfg.sample_tokens + 1.0
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signal.Signals(signum).name
@@ -350,11 +384,11 @@ class Trainer:
         (NaN/inf before any weight changes)."""
         total = torch.zeros((), device=self.device)
         for micro in range(self.cfg.grad_accum):
-            x, y = self.sampler.next()  # (b, T) each
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            batch = self.sampler.next()  # x, y (b, T) each; a DPO batch adds the reference's log-probs
+            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
             sync = micro == self.cfg.grad_accum - 1 or self.world == 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
-                _, loss = self.fwd(x, targets=y)
+                loss = self._loss(self.fwd, batch)
             loss = loss / self.cfg.grad_accum
             total += loss.detach()
             (self.scaler.scale(loss) if self.scaler else loss).backward()
