@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from tlama_mini.checks.common import expect_failure
+from tlama_mini.checks.common import expect_failure_on_every_draw
 from tlama_mini.checks.lesson09 import (check_cache_update, check_sample_loop, check_top_k_filter,
                                         check_top_p_filter)
 
@@ -20,15 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 def fails_with_all_seeds(check, fn, *words, seeds=SEEDS):
     """`check` rejects `fn` with a message that names the mistake (contains every one of `words`) on every seed;
     returns the last message."""
-    message = ""
-    for seed in seeds:
-        random.seed(seed)
-        torch.manual_seed(seed)
-        try:
-            message = expect_failure(check, fn, *words)
-        except AssertionError as e:
-            raise AssertionError(f"seed {seed}: {e}") from None
-    return message
+    return expect_failure_on_every_draw(check, fn, *words, seeds=seeds)
 
 
 fails_with = fails_with_all_seeds

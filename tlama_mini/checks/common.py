@@ -162,14 +162,16 @@ def expect_failure(check: Callable[[Any], None], fn: Any, *words: str) -> str:
 
 
 def expect_failure_on_every_draw(check: Callable[[Any], None], fn: Any, *words: str,
-                                 seeds: Iterable[int] = range(30)) -> None:
+                                 seeds: Iterable[int] = range(30)) -> str:
     """Testing the checks themselves: `expect_failure(check, fn, *words)` with Python's and torch's random
     generators seeded with each of `seeds` in turn, so that a mistake that shows only on some draws (an odd
-    length, a constant that is not the default) fails the test."""
+    length, a constant that is not the default) fails the test. Returns the last draw's message."""
+    message = ""
     for seed in seeds:
         random.seed(seed)
         torch.manual_seed(seed)
         try:
-            expect_failure(check, fn, *words)
+            message = expect_failure(check, fn, *words)
         except AssertionError as e:
             raise AssertionError(f"seed {seed}: {e}") from None
+    return message
