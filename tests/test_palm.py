@@ -7,7 +7,10 @@ import warnings
 import pytest
 import torch
 
+from tlama_mini import TlamaConfig
+from tlama_mini import model as tlama_model
 from tlama_mini.palm import LoRA, ParallelTransformerBlock, TransformerBlock
+from tlama_mini.rope import compute_freqs_cis
 
 ref_palm = pytest.importorskip("palm_rlhf_pytorch.palm", reason="pip install -r requirements-dev.txt")
 RTOL = 2e-5       # outputs, relative to the largest entry
@@ -151,6 +154,61 @@ def test_lora_weight_is_the_update():
     x = torch.randn(3, 6)
     assert torch.allclose(m(x), x @ m.weight, atol=1e-6)
     assert m.scale == 2
+
+
+def test_lora_loads_the_references_weights_and_differs_only_by_the_alpha_default():
+    """Same keys and shapes as palm-rlhf-pytorch's LoRA; with alpha=r the same outputs; with the defaults
+    (the reference's alpha = r, tlama_mini's one rule alpha = 2 r) exactly twice the reference's update."""
+    torch.manual_seed(8)
+    ref = ref_palm.LoRA(12, 20, r=3)
+    with torch.no_grad():
+        ref.B.normal_()
+    ours_r, ours_default = LoRA(12, 20, r=3, alpha=3), LoRA(12, 20, r=3)
+    for m in (ours_r, ours_default):
+        m.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 7, 12)
+    close(ours_r(x), ref(x))
+    close(ours_default(x), 2 * ref(x))
+
+
+def palm_as_tlama_block(palm: ParallelTransformerBlock) -> tlama_model.TransformerBlock:
+    """The same weights in `TransformerBlock(TlamaConfig(parallel_block=True))`: the fused matrix cut into
+    Wq | Wk | Wv | w3 (value) | w1 (gate), one kv head (MQA), q and k rows permuted from PaLM's
+    "rotate half" pairs (i, i + D/2) to adjacent pairs, xPos with the same base."""
+    D, H, F = palm.dim_head, palm.heads, palm.fused_dims[3] // 2
+    config = TlamaConfig(d_model=palm.dim, n_heads=H, n_kv_heads=1, attn_head_dim=D, ffn_hidden_dim=F,
+                         parallel_block=True, xpos_scale_base=palm.xpos_scale_base if palm.use_xpos else None,
+                         norm_eps=1e-5, rope_theta=10000.0, vocab_size=8, n_layers=1, max_seq_len=64)
+    block = tlama_model.TransformerBlock(0, config)
+    q, k, v, ff = palm.fused_attn_ff_proj.weight.split(palm.fused_dims)
+    with torch.no_grad():
+        block.attention_norm.weight.copy_(palm.norm.gamma + 1)
+        block.attention.Wq.weight.copy_(q.view(H, D, -1)[:, palm._pairs].reshape(H * D, -1))
+        block.attention.Wk.weight.copy_(k[palm._pairs])
+        block.attention.Wv.weight.copy_(v)
+        block.attention.Wo.weight.copy_(palm.attn_out.weight)
+        block.ffn.w3.weight.copy_(ff[:F])
+        block.ffn.w1.weight.copy_(ff[F:])
+        block.ffn.w2.weight.copy_(palm.ff_out[2].weight)
+    return block
+
+
+@pytest.mark.parametrize("use_xpos,T", [(True, 11), (False, 12), (True, 1)])
+def test_parallel_block_flag_computes_palms_block_up_to_the_norm(use_xpos, T):
+    """palm(x) == block(xc) - xc with xc = x minus its per-token mean, block the `parallel_block=True`
+    TransformerBlock holding the same weights: PaLM's LayerNorm is RMSNorm on the centred input, the
+    caller adds PaLM's residual, and the rest (MQA, RoPE pairs, xPos, SwiGLU halves) is the same maths.
+    On the uncentred input they differ (the documented difference: LayerNorm against RMSNorm)."""
+    torch.manual_seed(9 + T)
+    _, palm = pair(use_xpos=use_xpos, ff_mult=3)
+    block = palm_as_tlama_block(palm).eval()
+    x = torch.randn(2, T, 32) + 2 * torch.randn(2, T, 1)  # tokens with a clearly non-zero mean
+    xc = x - x.mean(-1, keepdim=True)
+    freqs = compute_freqs_cis(palm.dim_head, T, 10000.0)
+    with torch.no_grad():
+        want = palm(x)
+        close(block(xc, 0, freqs, None, kv_cache=False, is_causal=True) - xc, want)
+        assert (block(x, 0, freqs, None, kv_cache=False, is_causal=True) - x - want).abs().max() > 0.1
 
 
 def test_bad_input_gets_clear_errors():

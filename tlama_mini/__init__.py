@@ -32,12 +32,17 @@ Glossary: our names (Llama's) and what other code calls them.
 | max_seq_len           | max_position_embeddings          | block_size           | longest sequence                 |
 | rope_theta            | rope_theta                       | -                    | RoPE base                        |
 | norm_eps              | rms_norm_eps                     | -                    | RMSNorm epsilon                  |
+| lora_A / lora_B       | lora_A / lora_B (PEFT)           | -                    | LoRA's A (r, in), B (out, r)     |
 
 Two spellings come from seed 001 and stay: the model attribute and the forwards' argument are
 `freq_cis` (Transformer.freq_cis, Attention.forward(x, start_pos, freq_cis, mask)), while the RoPE
 functions say `freqs_cis` (compute_freqs_cis, apply_rope(xq, xk, freqs_cis)); both hold the same
 (T, head_dim/2) complex rotations. The config field is `n_kv_heads` (None means "as many as
 n_heads"); `config.kv_heads` is the resolved number, and `Attention.n_kv_heads` holds it.
+
+LoRA has one formula, W + (alpha / r) B A with alpha = 2 r unless given (lora.py); palm.LoRA, seed
+000's finetune module, stores the same A and B transposed, as A (in, r) and B (r, out), because that
+is palm-rlhf-pytorch's checkpoint layout.
 
 mask=None means no mask (attention in both directions) for `Attention` and `TransformerBlock`; pass
 is_causal=True or masks.causal_mask for a language model (`Transformer` does).

@@ -32,7 +32,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TlamaConfig
 from .data import Corpus, encode_cached, load_text, sha256_text, split_ids
-from .lora import apply_lora
+from .lora import apply_lora, resolve_alpha
 from .model import Transformer
 
 ADAPTER_FORMAT = "tlama-mini-lora"
@@ -44,11 +44,11 @@ CHANGEABLE = ("dropout",)
 
 
 def lora_settings(train: Any) -> tuple[tuple[str, ...], int, float]:
-    """(targets, rank, alpha) of a TrainConfig or its dict; alpha defaults to 2 * rank, so the update's
-    scale alpha / r is 2 at every rank and a learning rate carries over from one rank to another."""
+    """(targets, rank, alpha) of a TrainConfig or its dict, alpha by lora.py's one rule (None: 2 * rank,
+    the rule every run saved with lora_alpha None was trained with)."""
     get = train.get if isinstance(train, dict) else lambda k: getattr(train, k)
-    rank, alpha = get("lora_rank"), get("lora_alpha")
-    return tuple(get("lora_targets")), rank, float(2 * rank if alpha is None else alpha)
+    rank = get("lora_rank")
+    return tuple(get("lora_targets")), rank, resolve_alpha(rank, get("lora_alpha"))
 
 
 def check_config(cfg: Any) -> None:

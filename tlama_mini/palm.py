@@ -8,7 +8,10 @@ SwiGLU input, so the block needs one big matmul and one synchronisation instead 
 
 Built from tlama_mini's pieces: `attention.attention` (MQA is GQA with one kv head; `flash_attn`
 selects the SDPA backend, otherwise the written-out `naive` formula), `rope.apply_rope` and
-`rope.xpos_scale` for the rotary embedding with xPos decay, `lora.LoRA` for the fine-tune modules.
+`rope.xpos_scale` for the rotary embedding with xPos decay, `lora.LoRA` for the fine-tune modules:
+the package's one LoRA formula (`lora.lora_delta`, alpha = 2 r unless given), stored in the
+reference's transposed layout A (dim, r), B (r, dim_out) so its checkpoints load (see lora.py; the
+reference defaults to alpha = r, so pass alpha=r to reproduce its outputs).
 
 Checkpoint compatibility: `state_dict()` has exactly the keys and shapes of
 `palm_rlhf_pytorch.palm.ParallelTransformerBlock` (PyPI `palm-rlhf-pytorch`, the same class as
@@ -26,11 +29,16 @@ Differences from the reference, on purpose:
 - A query that sees no key at all (left padding under a causal mask) gets an output of zero here
   (the reference gives NaN with flash_attn and a mean of the masked values without).
 
-Relation to `TlamaConfig.parallel_block`: that flag gives the `Transformer` the same computation
-order (attention and FFN from one normalised input, summed), inside tlama-core's block with its
-RMSNorm, GQA, KV cache and separate projections. This module is PaLM's exact layout (fused weight,
-LayerNorm, MQA, xPos), interchangeable with the reference's checkpoints. Both use the same
-attention and RoPE functions; only the layer layout differs.
+Relation to `TlamaConfig(parallel_block=True)`: that flag gives `model.TransformerBlock` the same
+computation, x + attn(norm(x)) + ff(norm(x)), with tlama-core's separate projections (Wq Wk Wv Wo,
+w1 w2 w3), RMSNorm, GQA and KV cache. With n_kv_heads=1, attn_head_dim=dim_head, ffn_hidden_dim=
+ff_mult * dim, xpos_scale_base and norm_eps 1e-5 it computes exactly this block, up to the norm:
+    palm(x) == block(xc) - xc,   xc = x - x.mean(-1)
+(LayerNorm is RMSNorm of the centred input; the tlama block adds the residual itself). The weights map
+as: the fused matrix cut into Wq | Wk | Wv | w3 (value) | w1 (gate), ff_out.2 is w2, attn_out is Wo,
+gamma + 1 the norm's weight, and the rows of Wq and Wk (per head) permuted from pairs (i, i + D/2) to
+adjacent pairs. tests/test_palm.py and lesson 11 check it. Not shared: qk_rmsnorm (l2 norm times
+qk_scale, not the config's qk_norm RMSNorm) and this block's padding mask.
 Legend: B batch, T sequence, H heads, D dim_head, C dim, F ff inner dim.
 """
 from __future__ import annotations
