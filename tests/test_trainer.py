@@ -104,14 +104,19 @@ def test_ctrl_c_saves_and_exits_cleanly_and_resumes_exactly(small_text, tmp_path
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(small_text, tmp_path):
     trainer = Trainer(tiny(small_text, tmp_path, max_steps=50, ckpt_interval=2))
-    real, calls = trainer.fwd, [0]
+    calls = [0]
 
-    def poisoned(x, targets):  # the 7th step's loss is NaN
-        calls[0] += 1
-        logits, loss = real(x, targets=targets)
-        return logits, loss * float("nan") if calls[0] == 7 else loss
+    class Poisoned(torch.nn.Module):  # the 7th step's loss is NaN (a module: train_step clips its parameters)
+        def __init__(self, real: torch.nn.Module) -> None:
+            super().__init__()
+            self.real = real
 
-    trainer.fwd = poisoned
+        def forward(self, x, targets):
+            calls[0] += 1
+            logits, loss = self.real(x, targets=targets)
+            return logits, loss * float("nan") if calls[0] == 7 else loss
+
+    trainer.fwd = Poisoned(trainer.fwd)
     messages = []
     reporter = type("R", (), {"update": lambda *a: None, "evaluated": lambda *a: None, "close": lambda *a: None,
                               "message": lambda self, text: messages.append(text)})()

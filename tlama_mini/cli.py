@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from .config import PRESETS, TlamaConfig
-from .trainer import TRAIN_PRESETS, Reporter, TrainConfig, Trainer, train_config
+from .trainer import Reporter, Trainer
+from .training import TRAIN_PRESETS, TrainConfig, train_config
 
 DEFAULT_SECONDS = 300.0
 # Model fields settable from the command line (--d-model 256 ...); any other one with --set name=value.

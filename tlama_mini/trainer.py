@@ -1,7 +1,8 @@
 """The training loop: AdamW, warmup + cosine learning rate, gradient accumulation and clipping, mixed
 precision, periodic evaluation, atomic checkpoints, exact resume, and DistributedDataParallel.
 
-Budgets: `max_steps` (deterministic: the schedule of `training.get_lr_scheduler`) and/or `max_seconds`,
+The pieces are pure functions of training.py (TrainConfig, lr_at, train_step, evaluate); this module
+runs them. Budgets: `max_steps` (deterministic: the schedule `training.lr_at`) and/or `max_seconds`,
 counted from the launch of the process to its exit. With a time budget the cosine runs over *time*:
 progress = training time so far / training time available, where the time available leaves room for
 the final full-split evaluation, the checkpoint and the samples (estimated from measured speeds), so
@@ -17,106 +18,30 @@ Legend: B global batch, b = B / world per-rank batch, T seq_len.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from .config import TlamaConfig
 from .data import BatchSampler, Corpus, fixed_batches, full_split_batches, prepare_data
-from .device import autocast_dtype, get_device, init_distributed  # noqa: F401 (autocast_dtype: API)
+from .device import autocast_dtype, get_device, init_distributed
+from .finetune import build, save_adapters_and_merged
 from .model import Transformer
-from .training import get_lr_scheduler
+from .sft import ChatSampler, batch_weight, chat_loss
+from .training import (TRAIN_PRESETS, TrainConfig, evaluate, lm_loss, lr_at, set_lr, token_count, train_config,
+                       train_step)
 
-# Training defaults per model preset. char-cpu was tuned by measurement (2-core CPU, Tiny Shakespeare,
-# 60-300 s budgets): a small model with a 128-token context beat wider and deeper models and shorter
-# contexts; Muon (blocks' matrices at 5x the AdamW lr) with a decay to 0 beat AdamW; dropout hurt.
-# See the tables in benchmarks/RESULTS.md. char-gpu follows nanoGPT's shakespeare_char recipe.
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "char-cpu": dict(batch_size=16, seq_len=128, lr=2e-3, min_lr=0.0, warmup_steps=50, eval_batches=10,
-                     optimizer="muon", muon_lr_ratio=5.0),
-    "char-gpu": dict(batch_size=64, seq_len=256, lr=1e-3, min_lr=1e-4, warmup_steps=100),
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """How to train (the model's shape is a separate `TlamaConfig`). Sizes are per optimizer step:
-    tokens/step = batch_size * seq_len * grad_accum, with batch_size summed over all processes."""
-
-    preset: str = "char-cpu"
-    data: str = "shakespeare"
-    tokenizer: str = "char"
-    bpe_vocab_size: int = 512
-    out: str = "out"
-    batch_size: int = 32
-    seq_len: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    optimizer: str = "adamw"        # adamw | muon (Muon for the blocks' matrices, tlama_mini/muon.py)
-    muon_lr_ratio: float = 10.0     # Muon's learning rate / lr
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
-    eval_interval: int = 250        # steps between evaluations (each also saves a checkpoint)
-    eval_batches: int = 20          # fixed validation batches per periodic evaluation
-    ckpt_interval: int | None = None  # steps between checkpoints; None: at every evaluation
-    max_steps: int | None = None
-    max_seconds: float | None = None
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"             # auto | float32 | bfloat16 | float16
-    compile: bool = False
-    threads: int | None = None      # CPU threads (torch.set_num_threads); None: torch's default
-    sample_tokens: int = 300        # reserved for: samples printed at the end (see cli.py)
-    num_samples: int = 2
-    quiet: bool = False
-    init_from: str | None = None    # fine-tune this checkpoint (finetune.py) instead of a fresh model
-    lora_rank: int | None = None    # with init_from: train LoRA adapters of this rank only
-    lora_alpha: float | None = None  # LoRA scale alpha / r; None: alpha = 2 * rank
-    lora_targets: tuple[str, ...] = ("Wq", "Wk", "Wv", "Wo")
-    sft: str | None = None          # with init_from: supervised fine-tuning on this conversations JSONL (sft.py)
-    dpo: str | None = None          # with init_from: DPO on this preference-pairs JSONL (sft.py, dpo.py)
-    dpo_beta: float = 0.1           # DPO's beta
-    assistant_only: bool = True     # SFT loss on the assistant's tokens only (False: on every token, to compare)
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "grad_accum", "eval_interval", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be positive")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr})")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps ({self.max_steps}) must be positive")
-        if self.max_seconds is not None and self.max_seconds <= 0:
-            raise ValueError(f"max_seconds ({self.max_seconds}) must be positive")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype ({self.dtype!r}) must be auto, float32, bfloat16 or float16")
-        if self.sft and self.dpo:
-            raise ValueError("give --sft or --dpo, not both (run SFT first, then DPO with --init-from its --out)")
-        if (self.sft or self.dpo) and not self.init_from:
-            raise ValueError("--sft and --dpo fine-tune a trained chat model: pass --init-from RUN or --gguf PATH")
-        if self.dpo_beta <= 0:
-            raise ValueError(f"dpo_beta ({self.dpo_beta}) must be positive")
-
-
-def train_config(preset: str, **overrides: Any) -> TrainConfig:
-    """TrainConfig with the preset's defaults (TRAIN_PRESETS), then `overrides` (None = keep)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return TrainConfig(preset=preset, **{**TRAIN_PRESETS.get(preset, {}), **given})
+__all__ = ["TRAIN_PRESETS", "Reporter", "TrainConfig", "Trainer", "autocast_dtype", "train_config"]  # old import paths
 
 
 class Reporter:
@@ -156,7 +81,6 @@ class Trainer:
                                   "--overwrite to start again from scratch, or choose another --out")
         self.corpus: Corpus
         if cfg.init_from or cfg.lora_rank is not None:  # the model and tokenizer of a trained checkpoint
-            from .finetune import build
             self.corpus, self.model_config, self.model = build(cfg, model_overrides or {}, self.device, resume)
         else:
             self.corpus = prepare_data(cfg.data, cfg.tokenizer, bpe_vocab_size=cfg.bpe_vocab_size)
@@ -172,7 +96,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp == torch.float16 else None
         self.chat = bool(cfg.sft or cfg.dpo)  # conversations or preference pairs (sft.py), not plain text
         if self.chat:
-            from .sft import ChatSampler
             self.sampler = ChatSampler(self.corpus, cfg.batch_size, cfg.seed, rank=self.rank, world_size=self.world)
             self.val_batches = self.corpus.val_batches(cfg.batch_size)[:cfg.eval_batches]
         else:
@@ -187,7 +110,6 @@ class Trainer:
             self._load()
         self.ddp = self.model
         if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
             self.ddp = DistributedDataParallel(self.model, device_ids=[local] if self.device.type == "cuda" else None)
         self.fwd = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.stop_signal: str | None = None
@@ -211,7 +133,6 @@ class Trainer:
             config = {**self.run_config(), "step": self.step}
             ckpt.save_checkpoint(self.ckpt_dir, self.model, state, config, self.corpus.tokenizer)
             if self.cfg.lora_rank is not None:  # OUT/adapters and OUT/merged (finetune.py)
-                from .finetune import save_adapters_and_merged
                 save_adapters_and_merged(self.out, self.model, self.corpus.tokenizer, config)
 
     def _load(self) -> None:
@@ -231,9 +152,6 @@ class Trainer:
             print(f"resumed from {where} at step {self.step}"
                   + "".join(f"\n  changed: {c}" for c in changed), flush=True)
 
-    def _autocast(self):
-        return contextlib.nullcontext() if self.amp is None else torch.autocast(self.device.type, dtype=self.amp)
-
     def _all_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
             return values
@@ -241,33 +159,14 @@ class Trainer:
         dist.all_reduce(t)
         return t.tolist()
 
-    @torch.no_grad()
-    def evaluate(self, batches) -> float:
-        """Mean next-token loss over `batches` (this rank's share), averaged over all ranks."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in batches:
-            n = self._weight(batch)
-            with self._autocast():
-                loss = self._loss(self.model, tuple(t.to(self.device) for t in batch))
-            total, count = total + loss.item() * n, count + n
-        self.model.train()
-        total, count = self._all_sum([total, count])
-        return total / count
-
     def _loss(self, model, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """A batch's loss: next-token cross-entropy on (x, y) (targets -100 add nothing), DPO on a pair batch."""
-        if self.chat:
-            from .sft import chat_loss
-            return chat_loss(model, batch, self.cfg.dpo_beta)
-        return model(batch[0], targets=batch[1])[1]
+        return chat_loss(model, batch, self.cfg.dpo_beta) if self.chat else lm_loss(model, batch)
 
-    def _weight(self, batch: tuple[torch.Tensor, ...]) -> int:
-        """How much a batch counts in the mean loss: its target tokens (its pairs for DPO)."""
-        if self.chat:
-            from .sft import batch_weight
-            return batch_weight(batch)
-        return batch[1].numel()
+    def evaluate(self, batches) -> float:
+        """Mean next-token loss over `batches` (this rank's share), averaged over all ranks."""
+        return evaluate(self.model, batches, loss_fn=self._loss, weight_fn=batch_weight if self.chat else token_count,
+                        amp=self.amp, sum_over_processes=self._all_sum)
 
     def _full_split(self):
         if self.chat:
@@ -308,13 +207,13 @@ class Trainer:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def _schedule(self, progress: float) -> float:
-        """Learning rate at this step. Step budget: the seed's get_lr_scheduler. Time budget: linear
-        warmup over steps times a cosine over `progress` (fraction of the training time used)."""
+        """Learning rate at this step. Step budget: lr_at(step). Time budget: linear warmup over steps
+        times the cosine of lr_at over `progress` (fraction of the training time used, 0 -> 1)."""
         c = self.cfg
         if c.max_seconds is None:
-            return get_lr_scheduler(c.lr, c.min_lr, min(c.warmup_steps, c.max_steps), c.max_steps)(self.step)
+            return lr_at(self.step, c.lr, c.min_lr, min(c.warmup_steps, c.max_steps), c.max_steps)
         warmup = min(1.0, (self.step + 1) / max(1, c.warmup_steps))
-        return warmup * get_lr_scheduler(c.lr, c.min_lr, 0, 1000)(round(1000 * progress))
+        return warmup * lr_at(progress, c.lr, c.min_lr, 0, 1)
 
     def run(self, reporter: Reporter | None = None) -> dict[str, Any]:
         """Train until a budget is spent, a signal arrives, or the loss is not finite. Returns a summary
@@ -344,9 +243,11 @@ class Trainer:
                     status = "interrupted" if signalled else status
                     break
                 lr = self._schedule(progress)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_ratio", 1.0)
-                loss = self._train_step()
+                set_lr(self.optimizer, lr)
+                batches = [self.sampler.next() for _ in range(cfg.grad_accum)]  # x, y (b, T) each
+                loss = train_step(self.fwd, self.optimizer, batches, grad_clip=cfg.grad_clip, loss_fn=self._loss,
+                                  amp=self.amp, scaler=self.scaler, no_sync=self.ddp.no_sync if self.world > 1 else None,
+                                  mean_over_processes=lambda v: self._all_sum([v])[0] / self.world)
                 if not math.isfinite(loss):
                     rep.message(f"stopping: the training loss is {loss} at step {self.step + 1} (lr {lr:.3g}); the "
                                 f"weights were not updated and the last good checkpoint is in {self.ckpt_dir}. "
@@ -378,33 +279,6 @@ class Trainer:
             rep.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-
-    def _train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss over all ranks
-        (NaN/inf before any weight changes)."""
-        total = torch.zeros((), device=self.device)
-        for micro in range(self.cfg.grad_accum):
-            batch = self.sampler.next()  # x, y (b, T) each; a DPO batch adds the reference's log-probs
-            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
-            sync = micro == self.cfg.grad_accum - 1 or self.world == 1
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
-                loss = self._loss(self.fwd, batch)
-            loss = loss / self.cfg.grad_accum
-            total += loss.detach()
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-        loss_value = self._all_sum([total.item()])[0] / self.world
-        if math.isfinite(loss_value):
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            if self.cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value
 
     def _record(self, losses, val: float, tokens_per_step: int, launch: float, lr: float,
                 rep: Reporter, final: bool = False) -> None:

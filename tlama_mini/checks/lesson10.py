@@ -1,7 +1,7 @@
 """Checks for lesson 10 (training a GPT). Each check_<name>(fn) calls the learner's fn on fresh random
-inputs, compares with tlama_mini (`training.get_lr_scheduler`) or with a reference computed on a deep
-copy of a tiny `Transformer` (the training step and the evaluation, as `trainer.Trainer` does them),
-and names the mistake when it can.
+inputs, compares with tlama_mini's own functions (`training.lr_at`, and `training.train_step` and
+`training.evaluate` run on a deep copy of a tiny `Transformer`: what `trainer.Trainer` runs), and names
+the mistake when it can.
 
 Legend: B batch (rows), T sequence length, k = grad_accum micro-batches per optimizer step.
 """
@@ -17,7 +17,7 @@ import torch
 
 from ..config import TlamaConfig
 from ..model import Transformer
-from ..training import get_lr_scheduler
+from ..training import evaluate, lm_loss, lr_at, train_step
 from .common import attributes_stubs, call, check_tensor, fail, passed
 
 __all__ = ["check_bits_per_char", "check_lr_at", "check_train_step", "check_evaluate"]
@@ -67,7 +67,7 @@ def check_bits_per_char(fn: Callable[[float], float]) -> None:
 def _schedule(steps: range, max_lr: float, min_lr: float, warmup: int, max_steps: int, *,
               warmup_from_zero: bool = False, no_warmup: bool | str = False, floor: bool = True,
               decay_from_zero: bool = False, clamp: bool = True, half: bool = True) -> torch.Tensor:
-    """The schedule with one or more typical mistakes switched on (all off: get_lr_scheduler's)."""
+    """The schedule with one or more typical mistakes switched on (all off: training.lr_at's)."""
     out = []
     low = min_lr if floor else 0.0
     for s in steps:
@@ -90,7 +90,7 @@ def _schedule(steps: range, max_lr: float, min_lr: float, warmup: int, max_steps
 def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
     """fn(step, max_lr, min_lr, warmup_steps, max_steps) -> learning rate: linear warmup to max_lr over
     warmup_steps (step 0 gets max_lr / warmup_steps), cosine decay to min_lr at max_steps, then min_lr.
-    Compared with tlama_mini.training.get_lr_scheduler at every step 0 .. max_steps + 5."""
+    Compared with tlama_mini.training.lr_at at every step 0 .. max_steps + 5."""
     name = "lr_at"
     max_lr = 10 ** random.uniform(-3.5, -2.0)
     min_lr = max_lr * random.uniform(0.05, 0.2)
@@ -107,8 +107,7 @@ def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
         except ZeroDivisionError:
             fail(label, "division by zero", "with warmup_steps=0 there is no warmup: only divide by "
                  "warmup_steps when step < warmup_steps, and by max(1, max_steps - warmup_steps) in the decay")
-        ref = get_lr_scheduler(max_lr, min_lr, w, max_steps)
-        expected = torch.tensor([ref(s) for s in steps], dtype=torch.float64)
+        expected = torch.tensor([lr_at(s, max_lr, min_lr, w, max_steps) for s in steps], dtype=torch.float64)
         kw = dict(steps=steps, max_lr=max_lr, min_lr=min_lr, warmup=w, max_steps=max_steps)
         mistakes = {
             "the warmup is off by one: step 0 gets lr 0 (that step is wasted) and max_lr is reached one step "
@@ -151,7 +150,7 @@ def check_lr_at(fn: Callable[[int, float, float, int, int], float]) -> None:
                  "(step - warmup_steps) / (max_steps - warmup_steps) and min_lr + 0.5 * (1 + cos(pi * progress)) "
                  "* (max_lr - min_lr); min_lr from max_steps on")
         diff = max(diff, (got - expected).abs().max().item())
-    passed(name, f"equal to get_lr_scheduler at every step (max abs diff {diff:.1e}), with warmup_steps="
+    passed(name, f"equal to training.lr_at at every step (max abs diff {diff:.1e}), with warmup_steps="
            f"{warmup} and 0")
 
 
@@ -183,29 +182,22 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def _simulate(model: Transformer, steps: list[list[Batch]], clip: float, lr: float, *, divide: bool = True,
-              zero_inside: bool = False, zero_between: bool = True, clip_before: bool = True
-              ) -> tuple[torch.Tensor, list[float]]:
-    """The reference step(s) on a deep copy (mistakes switched on by the flags): SGD, whose update is
-    -lr * gradient, so a gradient of the wrong size shows (Adam would hide a constant factor)."""
+def _reference(model: Transformer, steps: list[list[Batch]], clip: float, lr: float, *, scale: float = 1.0,
+               last_only: bool = False) -> tuple[list[torch.Tensor], list[float]]:
+    """tlama_mini.training.train_step, step after step, on a deep copy with SGD (whose update is -lr * gradient,
+    so a gradient of the wrong size shows; Adam would hide a constant factor). Returns the weights before and
+    after every step, and the losses. Two mistakes are the same step on other inputs: `scale` multiplies
+    each micro-batch's loss (k: the loss not divided by k), `last_only` keeps only the last micro-batch with
+    its loss / k (the gradients zeroed inside the micro-batch loop)."""
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=lr)
-    losses = []
+    weights, losses = [_flat(m)], []
     for batches in steps:
-        if zero_between:
-            opt.zero_grad(set_to_none=True)
-        k, total = len(batches), 0.0
-        for x, y in batches:
-            if zero_inside:
-                opt.zero_grad(set_to_none=True)
-            _, loss = m(x, targets=y)
-            (loss / k if divide else loss).backward()  # backward *adds* to .grad: divide for the mean
-            total += loss.item()
-        if clip > 0 and clip_before:
-            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
-        opt.step()
-        losses.append(total / k)
-    return _flat(m), losses
+        k = len(batches)
+        loss_fn = (lambda mod, b: lm_loss(mod, b) / k) if last_only else (lambda mod, b: lm_loss(mod, b) * scale)
+        losses.append(train_step(m, opt, batches[-1:] if last_only else batches, grad_clip=clip, loss_fn=loss_fn))
+        weights.append(_flat(m))
+    return weights, losses
 
 
 def _grad_norm(params: list[torch.Tensor]) -> float:
@@ -285,16 +277,18 @@ def _check_train_step(fn) -> None:
     if torch.equal(got, start):
         fail(name, "the weights did not change", "call optimizer.step() after the backward passes (and do not "
              "zero the gradients between backward() and step())")
-    expected, ref_losses = _simulate(model, two_steps, 1e6, lr)
+    ref, ref_losses = _reference(model, two_steps, 1e6, lr)
+    expected = ref[-1]
     mistakes = {
         "the loss is not divided by grad_accum, so the gradient is the *sum* over the micro-batches, "
         "grad_accum times too large: (loss / grad_accum).backward()":
-            _simulate(model, two_steps, 1e6, lr, divide=False)[0],
+            _reference(model, two_steps, 1e6, lr, scale=k)[0][-1],
         "the gradients are zeroed inside the micro-batch loop, so only the last micro-batch's gradient is used: "
-        "zero them once per optimizer step": _simulate(model, two_steps, 1e6, lr, zero_inside=True)[0],
+        "zero them once per optimizer step": _reference(model, two_steps, 1e6, lr, last_only=True)[0][-1],
+        # SGD: the second step also applies the first step's update -lr * g1 = ref[1] - ref[0]
         "the gradients are never zeroed, so the second step also applies the first step's gradient: call "
         "optimizer.zero_grad() once per step (before the micro-batches or after optimizer.step())":
-            _simulate(model, two_steps, 1e6, lr, zero_between=False)[0],
+            ref[2] + (ref[1] - ref[0]),
     }
     diff = check_tensor(name + " (weights after two steps)", got, expected, atol=1e-5, mistakes=mistakes,
                         hint=_ACCUM_HINT)
@@ -319,9 +313,9 @@ def _check_train_step(fn) -> None:
         fail(name, f"the gradients reached optimizer.step() with norm {opt.norms[0]:.3g} > clip = {clip:.3g}: "
              "they were not clipped (or clipped after the step)",
              "torch.nn.utils.clip_grad_norm_(model.parameters(), clip) between backward() and optimizer.step()")
-    expected, _ = _simulate(model, one_step, clip, lr)
+    expected = _reference(model, one_step, clip, lr)[0][-1]
     mistakes = {"the gradients are zeroed inside the micro-batch loop: zero them once per optimizer step":
-                _simulate(model, one_step, clip, lr, zero_inside=True)[0]}
+                _reference(model, one_step, clip, lr, last_only=True)[0][-1]}
     check_tensor(name + f" (clip={clip:.3g}, below the gradient norm {4 * clip:.3g})", got, expected, atol=1e-5,
                  mistakes=mistakes, hint="clip the global norm over all parameters, "
                  "clip_grad_norm_(model.parameters(), clip), once, after all micro-batches")
@@ -331,7 +325,7 @@ def _check_train_step(fn) -> None:
     if torch.equal(got, start):
         fail(name + " (clip=0)", "with clip=0 the weights did not change: clip=0 means 'no clipping', but "
              "clip_grad_norm_(params, 0) scales every gradient to 0", "clip only when clip > 0")
-    check_tensor(name + " (clip=0)", got, _simulate(model, one_step, 0.0, lr)[0], atol=1e-5,
+    check_tensor(name + " (clip=0)", got, _reference(model, one_step, 0.0, lr)[0][-1], atol=1e-5,
                  hint="clip=0 means no clipping")
     passed(name, f"max abs diff {diff:.1e} in the weights after two steps of {k} micro-batches; clipping "
            "before the step; clip=0 leaves the gradients alone")
@@ -356,11 +350,9 @@ def _check_evaluate(fn) -> None:
     T = random.randint(8, 14)
     shapes = [(4, T), (4, T), (1, random.randint(3, T - 2))]  # the last one short, like full_split_batches' tail
     batches = _batches(model, shapes)
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        per_batch = [ref(x, targets=y)[1].item() for x, y in batches]
-    sizes = [y.numel() for _, y in batches]
-    expected = sum(l * n for l, n in zip(per_batch, sizes)) / sum(sizes)
+    ref = copy.deepcopy(model)
+    expected = evaluate(ref, batches)  # tlama_mini.training.evaluate
+    per_batch = [evaluate(ref, [batch]) for batch in batches]
 
     calls: list[tuple[bool, bool]] = []  # (training, grad enabled) at each forward
     handle = model.register_forward_pre_hook(lambda mod, args: calls.append((mod.training, torch.is_grad_enabled())))
