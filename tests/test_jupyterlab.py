@@ -18,12 +18,13 @@ raised (a cell that raises ends the run at once: the kernel drops the queued cel
 the cell's error), that every code cell ran, that no widget failed to render, and that every `interact`
 rendered and responds: its first slider moved with the keyboard changes the readout and redraws the output.
 Exercise notebooks: the cells above the first stub run without errors. The kernels get TLAMA_QUICK_LESSONS=1,
-with which the lessons that train (10, 11) take a tenth of their steps: the numbers are nbval's to check, at
-full size; this test checks what the page shows. Screenshots of every widget (and of the page on a failure)
+with which the lessons that train or time things run the same cells at smaller sizes (fewer steps, lengths or
+sizes: `grep -rn TLAMA_QUICK_LESSONS notebooks`): the numbers are nbval's to check, at full size; this test
+checks what the page shows. Screenshots of every widget (and of the page on a failure)
 go to $TLAMA_ARTIFACTS_DIR/jupyterlab (default .ci/artifacts/jupyterlab), with timings.json: the fixed costs
 (server and Chromium start, each page's JupyterLab load) and each notebook's steps (open, kernel start, run,
-save, checks, close), printed as a table at the end (seen with `pytest -s`). Under pytest-xdist, keep this file
-on one worker (`--dist loadfile`, as CI runs it).
+save, checks, close) and slowest code cells, printed as a table at the end (seen with `pytest -s`). Under
+pytest-xdist, keep this file on one worker (`--dist loadfile`, as CI runs it).
 Skipped when Chromium or Playwright is missing, unless TLAMA_REQUIRE_BROWSER=1 (set by .ci/run).
 """
 from __future__ import annotations
@@ -72,6 +73,7 @@ if CHROMIUM is None or async_playwright is None:
 
 TIMES: dict[str, dict[str, float]] = {}  # seconds per step ("run": Run All to done), per notebook (relative path)
 FIXED: dict[str, float] = {}  # seconds: the server's start, Chromium's start, each page's JupyterLab load
+SLOWEST: dict[str, list] = {}  # per notebook: its three slowest code cells in this run, [(index, seconds)]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -86,18 +88,22 @@ def timed(rel: str, step: str):
         steps[step] = steps.get(step, 0.0) + time.monotonic() - t0
 
 
-def recorded_seconds(path: Path, cells: int | None = None) -> float:
-    """How long the first `cells` code cells (all when None) took in the committed run, from the execution
-    timestamps nbclient records in each cell's metadata (0 for cells without them)."""
+def cell_seconds(cell: dict) -> float:
+    """A code cell's run time from the execution timestamps in its metadata (nbclient and JupyterLab's
+    recordTiming write the same keys); 0 without them."""
     from datetime import datetime
+    stamps = cell.get("metadata", {}).get("execution", {})
+    try:
+        return (datetime.fromisoformat(stamps["shell.execute_reply"].replace("Z", "+00:00"))
+                - datetime.fromisoformat(stamps["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
+    except (KeyError, ValueError):
+        return 0.0
+
+
+def recorded_seconds(path: Path, cells: int | None = None) -> float:
+    """How long the first `cells` code cells (all when None) took in the committed run."""
     code = [c for c in json.loads(path.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"][:cells]
-    total = 0.0
-    for c in code:
-        stamps = c.get("metadata", {}).get("execution", {})
-        with contextlib.suppress(KeyError, ValueError):
-            total += (datetime.fromisoformat(stamps["shell.execute_reply"].replace("Z", "+00:00"))
-                      - datetime.fromisoformat(stamps["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
-    return total
+    return sum(map(cell_seconds, code))
 
 
 def _free_port() -> int:
@@ -122,14 +128,15 @@ class Lab:
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
             "nbformat": 4, "nbformat_minor": 4}))
         settings = tmp / "settings"
-        for path, value in {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},
+        # recordTiming: each cell's execution times go into the saved notebook, for the timing report
+        for path, value in {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none", "recordTiming": True},
                             "@jupyterlab/apputils-extension/notification": {"checkForUpdates": False,
                                                                            "fetchNews": "false"}}.items():
             (settings / path).parent.mkdir(parents=True, exist_ok=True)
             (settings / f"{path}.jupyterlab-settings").write_text(json.dumps(value))
         env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "ws"),
                "JUPYTER_CONFIG_DIR": str(tmp / "config"), "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-               # lessons 10 and 11 train for fewer steps: this test checks what the page shows, nbval the numbers
+               # lessons that train or time things do less: this test checks what the page shows, nbval the numbers
                "TLAMA_QUICK_LESSONS": os.environ.get("TLAMA_QUICK_LESSONS", "1"),
                # PAGES kernels compute at once: each gets its share of the cores (more threads than cores make
                # torch's thread pool spin and wait on a busy machine)
@@ -318,6 +325,7 @@ async def run_lesson(page, lab: Lab, rel: str) -> None:
         await menu(page, "Run", "Run All Cells")
         await wait_until_done(page, lab, rel, len(sources))
     cells = await saved_cells(page, lab, rel)
+    SLOWEST[rel] = sorted(((i, round(cell_seconds(c), 1)) for i, c in enumerate(cells)), key=lambda x: -x[1])[:3]
     errors = error_report(rel, cells)
     assert not errors, errors
     not_run = [i for i, c in enumerate(cells) if "".join(c["source"]).strip() and c["execution_count"] is None]
@@ -471,12 +479,14 @@ def report(total: float) -> str:
              f"{'notebook':48s}" + "".join(f"{k:>13s}" for k in [*steps, "total"])]
     for rel, t in sorted(TIMES.items(), key=lambda kv: -sum(kv[1].values())):
         lines.append(f"{rel:48s}" + "".join(f"{t[k]:13.1f}" if k in t else f"{'':13s}" for k in steps)
-                     + f"{sum(t.values()):13.1f}")
+                     + f"{sum(t.values()):13.1f}" + ("   slowest cells " + ", ".join(
+                         f"{i}: {sec:.1f}" for i, sec in SLOWEST[rel]) if rel in SLOWEST else ""))
     lines.append(f"{'sum':48s}" + "".join(f"{sum(t.get(k, 0) for t in TIMES.values()):13.1f}" for k in steps)
                  + f"{sum(sum(t.values()) for t in TIMES.values()):13.1f}")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "timings.json").write_text(json.dumps({"total_s": total, "pages": PAGES, "fixed_s": FIXED,
-                                                        "notebooks_s": TIMES}, indent=1))
+                                                        "notebooks_s": TIMES, "slowest_cells_s": SLOWEST},
+                                                       indent=1))
     return "\n".join(lines)
 
 
