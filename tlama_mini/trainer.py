@@ -324,13 +324,14 @@ class Trainer:
             raise ValueError("give max_steps and/or max_seconds")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.tokens_fed = 0  # the input tokens the steps really fed (chat batches: padded to their longest row)
         prior, start_step, loop_start = self.train_seconds, self.step, time.perf_counter()
         launch = self.started
         self._start_files()
         if cfg.max_seconds is not None:
             self._time_eval()
         recent: collections.deque[float] = collections.deque(maxlen=cfg.eval_interval)  # train losses
-        status, lr, tok_s, t_window = "done", 0.0, 0.0, loop_start
+        status, lr, tok_s, t_window, fed_window = "done", 0.0, 0.0, loop_start, 0
         try:
             while True:
                 now = time.perf_counter()
@@ -355,7 +356,8 @@ class Trainer:
                 self.step += 1
                 recent.append(loss)
                 if self.step % 10 == 0:
-                    tok_s, t_window = 10 * tokens_per_step / (time.perf_counter() - t_window), time.perf_counter()
+                    tok_s = (self.tokens_fed - fed_window) / (time.perf_counter() - t_window)
+                    t_window, fed_window = time.perf_counter(), self.tokens_fed
                 rep.update(self.step, self.train_seconds, time.perf_counter() - launch, loss, tok_s, lr)
                 t = time.perf_counter()
                 if self.step % cfg.eval_interval == 0:
@@ -373,7 +375,7 @@ class Trainer:
                 rep.message(f"interrupted ({self.stop_signal}) at step {self.step}: checkpoint saved to "
                             f"{self.ckpt_dir}; continue with --resume --out {self.out}")
             return {"status": status, "step": self.step, "val_loss": val, "history": self.history,
-                    "tokens_per_s": (self.step - start_step) * tokens_per_step / max(loop_seconds, 1e-9)}
+                    "tokens": self.tokens_fed, "tokens_per_s": self.tokens_fed / max(loop_seconds, 1e-9)}
         finally:
             rep.close()
             for s, h in handlers.items():
@@ -382,9 +384,10 @@ class Trainer:
     def _train_step(self) -> float:
         """One optimizer step over grad_accum micro-batches; returns the mean loss over all ranks
         (NaN/inf before any weight changes)."""
-        total = torch.zeros((), device=self.device)
+        total, fed = torch.zeros((), device=self.device), 0
         for micro in range(self.cfg.grad_accum):
             batch = self.sampler.next()  # x, y (b, T) each; a DPO batch adds the reference's log-probs
+            fed += batch[0].numel()
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
             sync = micro == self.cfg.grad_accum - 1 or self.world == 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), self._autocast():
@@ -392,7 +395,9 @@ class Trainer:
             loss = loss / self.cfg.grad_accum
             total += loss.detach()
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-        loss_value = self._all_sum([total.item()])[0] / self.world
+        loss_sum, fed_all = self._all_sum([total.item(), float(fed)])
+        loss_value = loss_sum / self.world
+        self.tokens_fed = getattr(self, "tokens_fed", 0) + int(fed_all)  # every rank's tokens
         if math.isfinite(loss_value):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
