@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--dpo-lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-training", action="store_true",
+                   help="evaluate the parts' finished runs in OUT again (e.g. with another --n-eval) without training")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole pipeline")
     a = p.parse_args(argv)
     parts = [x.strip() for x in a.parts.split(",") if x.strip()]
@@ -104,9 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
               "--sample-tokens", "0", "--eval-batches", "2"] + (["--threads", str(a.threads)] if a.threads else [])
     results_file = out / "results.json"
     results: dict = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results.update({"n_eval": a.n_eval, "n_sft": a.n_sft, "n_dpo": a.n_dpo, "sft_steps": a.sft_steps,
-                    "dpo_steps": a.dpo_steps, "batch_size": a.batch_size, "lora_rank": a.lora_rank,
-                    "sft_lr": a.sft_lr, "dpo_lr": a.dpo_lr, "cpu_count": os.cpu_count()})
+    if not a.skip_training:  # the settings of the runs trained here
+        results.update({"n_sft": a.n_sft, "n_dpo": a.n_dpo, "sft_steps": a.sft_steps,
+                        "dpo_steps": a.dpo_steps, "batch_size": a.batch_size, "lora_rank": a.lora_rank,
+                        "sft_lr": a.sft_lr, "dpo_lr": a.dpo_lr, "cpu_count": os.cpu_count()})
 
     def save() -> None:
         results_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         save()
 
     def run_sft(name: str, *extra: str) -> None:
+        if a.skip_training:
+            return
         load = os.getloadavg()
         seconds = train(["train", "--gguf", gguf, "--sft", str(sft_data), "--out", str(out / name),
                          "--max-steps", str(a.sft_steps), "--lr", str(a.sft_lr),
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(name: str, folder: Path) -> None:
         model, tok, _ = load_for_inference(folder)
         acc, rows, seconds = accuracy(model, tok, held)
-        results.setdefault(name, {}).update(accuracy=acc, correct=sum(r["correct"] for r in rows),
+        results.setdefault(name, {}).update(accuracy=acc, correct=sum(r["correct"] for r in rows), n_eval=len(rows),
                                             eval_seconds=seconds, replies=rows,
                                             answer_loss=answer_loss(model, tok, sft_data))
         print(f"{name}: held-out exact match {acc:.1%} ({seconds:.0f} s)", file=sys.stderr, flush=True)
@@ -149,12 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
     if "sft" in parts:
         run_sft("sft")  # --gguf: the GGUF converted once to OUT/sft/base, then LoRA SFT
         evaluate("sft", out / "sft")
-    if "dpo" in parts:
+    if "dpo" in parts and not a.skip_training:
         load = os.getloadavg()
         seconds = train(["train", "--init-from", str(out / "sft"), "--dpo", str(dpo_data), "--out", str(out / "dpo"),
                          "--max-steps", str(a.dpo_steps), "--lr", str(a.dpo_lr), "--eval-interval", str(a.dpo_steps),
                          *common])
         trained("dpo", out / "dpo", seconds, load)
+    if "dpo" in parts:
         evaluate("dpo", out / "dpo")
     if "unmasked" in parts:
         run_sft("sft_unmasked", "--no-assistant-only")
