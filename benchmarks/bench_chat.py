@@ -4,15 +4,20 @@ trainable parameters; then the same SFT without the assistant mask (loss on ever
 Every training run goes through the CLI (`python -m tlama_mini train --gguf ... --sft ...`), so the whole
 thing is reproduced by one command:
 
-    python benchmarks/bench_chat.py --out out/chat-bench          # a few minutes per run on 2 CPU cores
-    python benchmarks/bench_chat.py --quick                       # a smoke test (tests/test_benchmarks.py)
+    python benchmarks/bench_chat.py --out out/chat-bench          # long on 2 CPU cores (see RESULTS.md)
+    python benchmarks/bench_chat.py --quick                       # a smoke test of the whole pipeline
 
-Prints a markdown table and writes OUT/results.json (with a few before/after answers).
+--parts runs a subset (before, sft, dpo, unmasked; dpo needs sft's folder), e.g. two processes side by
+side: `--parts sft,dpo` and `--parts before,unmasked`. Prints a markdown table and writes OUT/results.json
+(every held-out reply, the load average around each run); --save PATH also merges the results into PATH
+(benchmarks/results/chat_smollm2.json is the committed copy lesson 16 reads).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +27,9 @@ import torch
 from tlama_mini import chat_tasks as C
 from tlama_mini.checkpoint import load_for_inference
 from tlama_mini.cli import main as cli
-from tlama_mini.sft import load_chat_corpus, reply_to
+from tlama_mini.sft import gguf_to_checkpoint, load_chat_corpus, reply_to
+
+PARTS = ("before", "sft", "dpo", "unmasked")
 
 
 def accuracy(model, tokenizer, examples, max_new_tokens: int = 48) -> tuple[float, list[dict], float]:
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gguf", default=None, help="the GGUF chat model (default: SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="out/chat-bench")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    p.add_argument("--save", default=None, help="also merge the results into this JSON file")
     p.add_argument("--n-sft", type=int, default=400, help="SFT conversations written (train split words)")
     p.add_argument("--n-dpo", type=int, default=200, help="DPO pairs written")
     p.add_argument("--n-eval", type=int, default=40, help="held-out questions (words never trained on)")
@@ -70,64 +79,96 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--sft-lr", type=float, default=2e-3)
     p.add_argument("--dpo-lr", type=float, default=5e-4)
-    p.add_argument("--no-unmasked", action="store_true", help="skip the SFT run without the assistant mask")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-training", action="store_true",
+                   help="evaluate the parts' finished runs in OUT again (e.g. with another --n-eval) without training")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole pipeline")
     a = p.parse_args(argv)
+    parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    if unknown := sorted(set(parts) - set(PARTS)):
+        p.error(f"unknown --parts {', '.join(unknown)} (choose among {', '.join(PARTS)})")
     if a.quick:
         a.n_sft, a.n_dpo, a.n_eval, a.sft_steps, a.dpo_steps, a.batch_size = 20, 10, 2, 1, 1, 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from tlama_mini.gguf import find_smollm2
     gguf = str(find_smollm2(a.gguf, download=False) if a.gguf is None else a.gguf)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if "dpo" in parts and "sft" not in parts and not (out / "sft" / "summary.json").is_file():
+        p.error(f"--parts dpo trains on top of {out / 'sft'}: run the sft part first (or with it)")
     sft_data, dpo_data = out / "sft.jsonl", out / "dpo.jsonl"
     sft_data.write_text("".join(json.dumps(r) + "\n" for r in C.sft_records(a.n_sft)), encoding="utf-8")
     dpo_data.write_text("".join(json.dumps(r) + "\n" for r in C.dpo_records(a.n_dpo)), encoding="utf-8")
     held = C.make_examples(a.n_eval, "held_out", seed=0)
     common = ["--batch-size", str(a.batch_size), "--lora-rank", str(a.lora_rank), "--seq-len", "256",
-              "--warmup-steps", "5", "--min-lr", "0", "--dtype", "float32", "--quiet", "--overwrite",
+              "--warmup-steps", "5", "--min-lr", "0", "--dtype", "float32", "--overwrite",
               "--sample-tokens", "0", "--eval-batches", "2"] + (["--threads", str(a.threads)] if a.threads else [])
-    results: dict = {"n_eval": a.n_eval, "sft_steps": a.sft_steps, "dpo_steps": a.dpo_steps,
-                     "batch_size": a.batch_size, "lora_rank": a.lora_rank, "torch_threads": torch.get_num_threads()}
+    results_file = out / "results.json"
+    results: dict = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if not a.skip_training:  # the settings of the runs trained here
+        results.update({"n_sft": a.n_sft, "n_dpo": a.n_dpo, "sft_steps": a.sft_steps,
+                        "dpo_steps": a.dpo_steps, "batch_size": a.batch_size, "lora_rank": a.lora_rank,
+                        "sft_lr": a.sft_lr, "dpo_lr": a.dpo_lr, "cpu_count": os.cpu_count()})
+
+    def save() -> None:
+        results_file.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        if a.save:  # merge: other processes (other --parts) write their own keys into the same file
+            target = Path(a.save)
+            merged = json.loads(target.read_text()) if target.is_file() else {}
+            merged.update(results)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+
+    def trained(name: str, folder: Path, seconds: float, load: tuple[float, ...]) -> None:
+        summary = json.loads((folder / "summary.json").read_text())
+        results[name] = {"train_seconds": seconds, "steps": summary["step"], "tokens": summary.get("tokens"),
+                         "tokens_per_s": summary["tokens_per_s"], "trainable_params": summary["trainable_params"],
+                         "total_params": summary["total_params"], "base_val_loss": summary["base_val_loss"],
+                         "reported_val_loss": summary["val_loss"], "torch_threads": torch.get_num_threads(),
+                         "load_average_before": [round(x, 2) for x in load],
+                         "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        save()
 
     def run_sft(name: str, *extra: str) -> None:
-        source = ["--gguf", gguf] if name == "sft" else ["--init-from", str(out / "sft" / "base")]
-        seconds = train(["train", *source, "--sft", str(sft_data), "--out", str(out / name),
+        if a.skip_training:
+            return
+        load = os.getloadavg()
+        seconds = train(["train", "--gguf", gguf, "--sft", str(sft_data), "--out", str(out / name),
                          "--max-steps", str(a.sft_steps), "--lr", str(a.sft_lr),
                          "--eval-interval", str(a.sft_steps), *common, *extra])
-        summary = json.loads((out / name / "summary.json").read_text())
-        results[name] = {"train_seconds": seconds, "trainable_params": summary["trainable_params"],
-                         "total_params": summary["total_params"]}
+        trained(name, out / name, seconds, load)
 
     def evaluate(name: str, folder: Path) -> None:
         model, tok, _ = load_for_inference(folder)
         acc, rows, seconds = accuracy(model, tok, held)
-        results.setdefault(name, {}).update(accuracy=acc, eval_seconds=seconds, replies=rows[:6],
+        results.setdefault(name, {}).update(accuracy=acc, correct=sum(r["correct"] for r in rows), n_eval=len(rows),
+                                            eval_seconds=seconds, replies=rows,
                                             answer_loss=answer_loss(model, tok, sft_data))
         print(f"{name}: held-out exact match {acc:.1%} ({seconds:.0f} s)", file=sys.stderr, flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")  # so far
+        save()
 
-    run_sft("sft")  # also writes OUT/sft/base: the GGUF as a checkpoint
-    evaluate("before", out / "sft" / "base")
-    evaluate("sft", out / "sft")
-    seconds = train(["train", "--init-from", str(out / "sft"), "--dpo", str(dpo_data), "--out", str(out / "dpo"),
-                     "--max-steps", str(a.dpo_steps), "--lr", str(a.dpo_lr), "--eval-interval", str(a.dpo_steps),
-                     *common])
-    summary = json.loads((out / "dpo" / "summary.json").read_text())
-    results["dpo"] = {"train_seconds": seconds, "trainable_params": summary["trainable_params"],
-                      "total_params": summary["total_params"], "base_val_loss": summary["base_val_loss"],
-                      "val_loss": summary["val_loss"]}
-    evaluate("dpo", out / "dpo")
-    if not a.no_unmasked:
+    if "before" in parts:
+        evaluate("before", gguf_to_checkpoint(gguf, out / "base"))
+    if "sft" in parts:
+        run_sft("sft")  # --gguf: the GGUF converted once to OUT/sft/base, then LoRA SFT
+        evaluate("sft", out / "sft")
+    if "dpo" in parts and not a.skip_training:
+        load = os.getloadavg()
+        seconds = train(["train", "--init-from", str(out / "sft"), "--dpo", str(dpo_data), "--out", str(out / "dpo"),
+                         "--max-steps", str(a.dpo_steps), "--lr", str(a.dpo_lr), "--eval-interval", str(a.dpo_steps),
+                         *common])
+        trained("dpo", out / "dpo", seconds, load)
+    if "dpo" in parts:
+        evaluate("dpo", out / "dpo")
+    if "unmasked" in parts:
         run_sft("sft_unmasked", "--no-assistant-only")
         evaluate("sft_unmasked", out / "sft_unmasked")
-        results["sft_unmasked"]["reported_val_loss"] = json.loads((out / "sft_unmasked" / "summary.json").read_text())["val_loss"]
-    results["sft"]["reported_val_loss"] = json.loads((out / "sft" / "summary.json").read_text())["val_loss"]
-    (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     print("| model | held-out exact match | answer-token loss | training time | trainable params |")
     print("|---|---:|---:|---:|---:|")
     for name in ("before", "sft", "dpo", "sft_unmasked"):
-        if name in results:
+        if name in results and "accuracy" in results[name]:
             r = results[name]
             t = f"{r['train_seconds']:.0f} s" if "train_seconds" in r else "-"
             n = f"{r['trainable_params']:,}" if "trainable_params" in r else "-"

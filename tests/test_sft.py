@@ -66,6 +66,17 @@ def test_sft_trains_on_the_assistant_tokens_only(setup, sft_run):
     assert rows[-1]["val_loss"] == pytest.approx(total / count, rel=1e-4)
 
 
+def test_sft_tokens_per_second_counts_the_tokens_really_fed(setup, sft_run):
+    """Chat batches are padded to their longest row, not to --seq-len: the summary's tokens (and so its
+    tok/s) are the input tokens of the batches the run drew, replayed here with the same seeded sampler."""
+    folder, tok, data, _ = setup
+    summary = json.loads((sft_run / "summary.json").read_text())
+    sampler = sft.ChatSampler(sft.load_chat_corpus(data, "sft", tok, 128), 4, 3)
+    fed = sum(sampler.next()[0].numel() for _ in range(8))
+    assert summary["tokens"] == fed < 8 * 4 * 128  # the nominal batch_size * seq_len it used to report
+    assert summary["tokens_per_s"] > 0
+
+
 def test_sft_resume_is_exact(setup, tmp_path):
     folder, _, data, _ = setup
     common = ("--init-from", str(folder / "base"), "--sft", str(data), "--lr", "3e-3", "--ckpt-interval", "3")

@@ -223,13 +223,14 @@ class Trainer:
             raise ValueError("give max_steps and/or max_seconds")
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        self.tokens_fed = 0  # the input tokens the steps really fed (chat batches: padded to their longest row)
         prior, start_step, loop_start = self.train_seconds, self.step, time.perf_counter()
         launch = self.started
         self._start_files()
         if cfg.max_seconds is not None:
             self._time_eval()
         recent: collections.deque[float] = collections.deque(maxlen=cfg.eval_interval)  # train losses
-        status, lr, tok_s, t_window = "done", 0.0, 0.0, loop_start
+        status, lr, tok_s, t_window, fed_window = "done", 0.0, 0.0, loop_start, 0
         try:
             while True:
                 now = time.perf_counter()
@@ -245,6 +246,8 @@ class Trainer:
                 lr = self._schedule(progress)
                 set_lr(self.optimizer, lr)
                 batches = [self.sampler.next() for _ in range(cfg.grad_accum)]  # x, y (b, T) each
+                fed = sum(b[0].numel() for b in batches)  # the input tokens really fed (chat: padded to the longest row)
+                self.tokens_fed += int(self._all_sum([float(fed)])[0])  # every rank's tokens
                 loss = train_step(self.fwd, self.optimizer, batches, grad_clip=cfg.grad_clip, loss_fn=self._loss,
                                   amp=self.amp, scaler=self.scaler, no_sync=self.ddp.no_sync if self.world > 1 else None,
                                   mean_over_processes=lambda v: self._all_sum([v])[0] / self.world)
@@ -256,7 +259,8 @@ class Trainer:
                 self.step += 1
                 recent.append(loss)
                 if self.step % 10 == 0:
-                    tok_s, t_window = 10 * tokens_per_step / (time.perf_counter() - t_window), time.perf_counter()
+                    tok_s = (self.tokens_fed - fed_window) / (time.perf_counter() - t_window)
+                    t_window, fed_window = time.perf_counter(), self.tokens_fed
                 rep.update(self.step, self.train_seconds, time.perf_counter() - launch, loss, tok_s, lr)
                 t = time.perf_counter()
                 if self.step % cfg.eval_interval == 0:
@@ -274,7 +278,7 @@ class Trainer:
                 rep.message(f"interrupted ({self.stop_signal}) at step {self.step}: checkpoint saved to "
                             f"{self.ckpt_dir}; continue with --resume --out {self.out}")
             return {"status": status, "step": self.step, "val_loss": val, "history": self.history,
-                    "tokens_per_s": (self.step - start_step) * tokens_per_step / max(loop_seconds, 1e-9)}
+                    "tokens": self.tokens_fed, "tokens_per_s": self.tokens_fed / max(loop_seconds, 1e-9)}
         finally:
             rep.close()
             for s, h in handlers.items():
