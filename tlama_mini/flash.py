@@ -15,26 +15,32 @@ P = exp(scale * q k^T - lse), and accumulate
     dQ += scale * dS K,   dK += scale * dS^T Q.
 Memory is O(T + S) per head plus one tile, instead of O(T * S).
 
-Lesson 08 writes this loop plainly, one line per formula (`online_softmax_update` is its step). The
-functions below compute the same numbers (tested equal in tests/test_flash.py) with fewer, larger
-operations, since in PyTorch every operation is one pass over a tile in memory plus Python overhead:
-- all heads of a tile in one batched matmul. GQA: the R = H / K query heads that share a kv head are
-  laid out as rows of that kv head, row t * R + r = (position t, head r), so a tile is one
+Lesson 08 writes this loop plainly, one line per formula (`online_softmax_update` is its step), over
+small square tiles. The functions below compute the same numbers (tested equal in tests/test_flash.py)
+with fewer, larger operations, since in PyTorch every operation is one pass over its tensors, one
+Python dispatch and, with several threads, one parallel region whose threads must all arrive:
+- a query block meets its keys in strips: up to block_k keys at once (default: 2048 for 8 heads on a
+  CPU, 8 MiB of scores), not one small tile at a time, so a causal 8k sequence takes 64 strips of
+  about 8 operations each in the forward, instead of 528 tiles. The online softmax runs across the
+  strips of a query block only when its keys do not fit in one;
+- all heads of a strip in one batched matmul. GQA: the R = H / K query heads that share a kv head are
+  laid out as rows of that kv head, row t * R + r = (position t, head r), so a strip is one
   (B * K, bq * R, bk) matmul and the keys are never copied R times;
-- q is multiplied by the scale once, not every tile;
-- a column of ones appended to v makes p @ [v, 1] return l (the row sums) with acc, in the same matmul;
+- every matmul writes a fresh contiguous tensor (into a strided slice, ATen's CPU matmul falls back
+  to one call per head); per-block results are concatenated once at the end;
+- q is multiplied by the scale once; a column of ones appended to v makes p @ [v, 1] return l (the row
+  sums) with acc, in the same matmul;
 - in the backward, [q, -lse] @ [k, 1]^T = scale q k^T - lse and [dO, -Dsum] @ [v, 1]^T = dP - Dsum, so
-  the two subtractions ride along in the matmuls; the rest is in place (exp_, mul_, baddbmm_);
-- only tiles that cross the causal diagonal are masked, and only their rows that have a future key;
-  tiles entirely in the future are skipped (about half of them for T == S);
-- tile sizes from `default_blocks`: large enough that the Python loop costs little, small enough that
-  a tile's passes stay in the CPU's caches (measured in benchmarks/RESULTS.md).
+  the two subtractions ride along in the matmuls; the rest is in place (exp_, mul_);
+- causal: keys in a block's future are never computed; only the square at the diagonal is masked, with
+  one precomputed (bq, bq) triangle;
+- block sizes from `default_blocks` (measured in benchmarks/RESULTS.md).
 
 Causal masking is bottom-right aligned, as in `attention.attention`: query i sits at absolute
 position S - T + i (decoding with a KV cache) and sees keys 0..S-T+i.
 Everything is accumulated in float32 (float64 inputs stay float64, for gradcheck).
 Legend: B batch, H query heads, K kv heads, R = n_rep = H / K, T queries, S keys, D head_dim,
-bq / bk query / key tile sizes, N = B * K, D1 = D + 1.
+bq query block rows, bk key strip width, N = B * K, D1 = D + 1.
 """
 from __future__ import annotations
 
@@ -64,18 +70,24 @@ def online_softmax_update(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, s
 def default_blocks(n_heads: int, T: int, S: int, device: torch.device | str = "cpu") -> tuple[int, int]:
     """(block_q, block_k) for `n_heads` = B * H heads of T queries and S keys.
 
-    A tile holds n_heads * bq * bk scores and each operation makes one pass over it. On a CPU, tiles
-    whose scores outgrow the caches make those passes go to main memory, and small tiles cost more
-    Python per token: 2 MiB of float32 (256 x 256 for 8 heads) was among the fastest on a 2-core AMD
-    EPYC (forward + backward, 64 to 256 within noise of each other, 512 and 1024 1.4x and 1.8x
-    slower; benchmarks/RESULTS.md). On a GPU larger tiles mean fewer kernel launches. Tiles are
-    square powers of two between 64 and 1024 and no longer than the sequence.
+    A query block of block_q rows is multiplied with up to block_k keys at once: a strip of
+    n_heads * block_q * block_k scores, one batched matmul and a handful of elementwise passes. Each
+    operation is one parallel region and one Python dispatch, so wider strips mean fewer of them
+    (with 2 threads on a busy machine every region waits for its second thread); each pass over a
+    strip that outgrows the caches goes to memory, which bounds the width. On a CPU the strip is
+    about 8 MiB of float32 (block_q 128, block_k 2048 for 8 heads), on a GPU 128 MiB (fewer kernel
+    launches); measured in benchmarks/RESULTS.md. Sizes are powers of two, block_q between 16 and
+    128 (1024 on a GPU), block_k at least block_q, neither longer than the sequence.
     """
-    budget = (2 if torch.device(device).type == "cpu" else 64) * 2**20 // 4   # floats per tile
-    edge = 64
-    while edge < 1024 and n_heads * (2 * edge) ** 2 <= budget:
-        edge *= 2
-    return min(edge, max(T, 1)), min(edge, max(S, 1))
+    gpu = torch.device(device).type != "cpu"
+    budget = (128 if gpu else 8) * 2**20 // 4                  # floats in one strip of scores
+    bq = 1024 if gpu else 128
+    while bq > 16 and n_heads * bq * bq > budget:
+        bq //= 2
+    bk = bq
+    while n_heads * bq * bk * 2 <= budget and bk < max(S, 1):
+        bk *= 2
+    return min(bq, max(T, 1)), min(bk, max(S, 1))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,15 +134,40 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
-def _mask_future_(s: torch.Tensor, i0: int, i1: int, j0: int, j1: int, offset: int, R: int) -> None:
-    """Set to -inf, in place, the scores of tile (queries i0..i1, keys j0..j1) that lie in a query's
-    future (key position > offset + query index). s (N, (i1 - i0) * R, j1 - j0); only the first rows,
-    those of queries before offset + i < j1 - 1, can have a future key in the tile."""
-    n = min(i1, j1 - 1 - offset) - i0                                  # queries with a future key here
-    if n > 0:
-        qpos = torch.arange(i0, i0 + n, device=s.device)[:, None, None] + offset   # (n, 1, 1)
-        kpos = torch.arange(j0, j1, device=s.device)                               # (bk,)
-        s[:, : n * R].view(s.shape[0], n, R, j1 - j0).masked_fill_(kpos > qpos, float("-inf"))
+def _plan(T: int, S: int, bq: int, bk: int, causal: bool):
+    """Yield (i0, i1, chunks) per query block i0..i1: the key chunks (j0, j1) it attends to, at most bk
+    wide, ending where its last query's visible keys end (causal: S - T + i1; whole future tiles are
+    never computed). The chunk holding the diagonal comes first and reaches down to key S - T + i0, so
+    every query sees a key in its first chunk and the running max is finite from the start."""
+    offset = S - T                                              # absolute position of query 0
+    for i0 in range(0, T, bq):
+        i1 = min(i0 + bq, T)
+        end = min(S, offset + i1) if causal else S
+        chunks, j1 = [], end
+        while j1 > 0:
+            j0 = max(0, j1 - bk)
+            if causal and not chunks:
+                j0 = max(0, min(j0, offset + i0))
+            chunks.append((j0, j1))
+            j1 = j0
+        yield i0, i1, chunks
+
+
+def _mask_future_(s: torch.Tensor, i0: int, i1: int, j0: int, j1: int, offset: int, R: int,
+                  future: torch.Tensor) -> None:
+    """Set to -inf, in place, the scores of queries i0..i1 for keys j0..j1 that lie in a query's future
+    (key > offset + query). s (N, (i1 - i0) * R, j1 - j0). Only a square at the diagonal can hold such
+    keys: columns from offset + i0 + 1 on, rows of queries before offset + i < j1 - 1. future (bq, bq) is
+    True above the diagonal (key c > query r, both counted from offset + i0 and i0)."""
+    c0 = max(j0, offset + i0 + 1)                               # the first key in some query's future
+    n = min(i1, j1 - 1 - offset) - i0                           # queries with a future key here
+    if c0 < j1 and n > 0:
+        rows = s.view(s.shape[0], i1 - i0, R, j1 - j0)[:, :n, :, c0 - j0:]    # (N, n, R, j1 - c0)
+        rows.masked_fill_(future[:n, None, c0 - offset - i0: j1 - offset - i0], float("-inf"))
+
+
+def _future(bq: int, causal: bool, device: torch.device) -> torch.Tensor | None:
+    return torch.ones(bq, bq, dtype=torch.bool, device=device).triu(1) if causal else None   # (bq, bq)
 
 
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, *,
@@ -143,34 +180,32 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     B, H, T, D = q.shape
     K, S, R = k.shape[1], k.shape[2], H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    offset, dt = S - T, _acc_dtype(q)                        # offset: absolute position of query 0
+    offset, dt = S - T, _acc_dtype(q)
     qs = _rows(q.to(dt) * scale, K)                          # (N, T*R, D) scaled once: s = qs @ k^T
-    kn = k.to(dt).reshape(B * K, S, D)                       # (N, S, D)
+    kt = k.to(dt).reshape(B * K, S, D).transpose(1, 2)       # (N, D, S)
     v1 = _with_ones(v.to(dt)).reshape(B * K, S, D + 1)       # (N, S, D1): p @ v1 = [acc, l]
-    out = torch.empty(B * K, T * R, D, dtype=dt, device=q.device)   # (N, T*R, D)
-    lse = torch.empty(B * K, T * R, dtype=dt, device=q.device)      # (N, T*R)
-    for i0 in range(0, T, bq):
-        i1 = min(i0 + bq, T)
-        rows = slice(i0 * R, i1 * R)
-        qi = qs[:, rows]                                     # (N, bq*R, D)
+    future = _future(bq, causal, q.device)
+    accs, maxes = [], []                                     # per query block: fresh, contiguous results
+    for i0, i1, chunks in _plan(T, S, bq, bk, causal):
+        qi = qs[:, i0 * R:i1 * R]                            # (N, bq*R, D)
         m = acc_l = None
-        # causal: key tiles from min(S, offset + i1) on are in every query's future; the first tile
-        # holds key 0, which every query sees, so m is finite from the first tile on
-        for j0 in range(0, min(S, offset + i1) if causal else S, bk):
-            j1 = min(j0 + bk, S)
-            s = torch.bmm(qi, kn[:, j0:j1].transpose(1, 2))   # (N, bq*R, bk) scaled scores
-            if causal and j1 - 1 > offset + i0:             # the tile crosses the diagonal
-                _mask_future_(s, i0, i1, j0, j1, offset, R)
-            m_tile = s.amax(dim=-1)                          # (N, bq*R)
-            m_new = m_tile if m is None else torch.maximum(m, m_tile)
-            p = s.sub_(m_new[..., None]).exp_()              # (N, bq*R, bk) in place
-            if acc_l is None:
-                acc_l = torch.bmm(p, v1[:, j0:j1])           # (N, bq*R, D1)
-            else:                                            # rescale the old sums, add this tile's
-                acc_l.mul_(torch.exp(m - m_new)[..., None]).baddbmm_(p, v1[:, j0:j1])
-            m = m_new
-        out[:, rows] = acc_l[..., :D] / acc_l[..., D:]       # (N, bq*R, D)
-        lse[:, rows] = m + acc_l[..., D].log()               # (N, bq*R)
+        for j0, j1 in chunks:
+            s = torch.bmm(qi, kt[:, :, j0:j1])               # (N, bq*R, bk) scaled scores
+            if causal:
+                _mask_future_(s, i0, i1, j0, j1, offset, R, future)
+            if m is None:                                    # first chunk: no running state yet
+                m = s.amax(dim=-1)                           # (N, bq*R)
+                acc_l = torch.bmm(s.sub_(m[..., None]).exp_(), v1[:, j0:j1])     # (N, bq*R, D1)
+            else:                                            # online softmax: rescale, add this chunk
+                m_new = torch.maximum(m, s.amax(dim=-1))
+                acc_l.mul_(torch.exp(m - m_new)[..., None]).baddbmm_(s.sub_(m_new[..., None]).exp_(),
+                                                                      v1[:, j0:j1])
+                m = m_new
+        accs.append(acc_l)
+        maxes.append(m)
+    acc_l = torch.cat(accs, dim=1)                           # (N, T*R, D1)
+    out = acc_l[..., :D] / acc_l[..., D:]                    # (N, T*R, D)
+    lse = acc_l[..., D].log().add_(torch.cat(maxes, dim=1))  # (N, T*R)
     return _unrows(out, B, H, T).to(q.dtype), _unrows(lse, B, H, T)
 
 
@@ -178,7 +213,7 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    lse: torch.Tensor, causal: bool = True, *, block_q: int | None = None,
                    block_k: int | None = None, scale: float | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tiled backward pass: recompute P tile by tile from lse. Returns dq (B, H, T, D) and
+    """Tiled backward pass: recompute P strip by strip from lse. Returns dq (B, H, T, D) and
     dk, dv (B, K, S, D), in the dtypes of q, k, v."""
     bq, bk = _blocks(q, k, block_q, block_k)
     B, H, T, D = q.shape
@@ -189,25 +224,27 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     q1 = _rows(torch.cat([q.to(dt) * scale, -lse.to(dt)[..., None]], dim=-1), K)    # (N, T*R, D1) [q*scale, -lse]
     do1 = _rows(torch.cat([dout.to(dt), -dsum], dim=-1), K)                          # (N, T*R, D1) [dO, -Dsum]
     k1 = _with_ones(k.to(dt)).reshape(B * K, S, D + 1)                               # (N, S, D1)
-    v1 = _with_ones(v.to(dt)).reshape(B * K, S, D + 1)                               # (N, S, D1)
-    dq = torch.zeros(B * K, T * R, D, dtype=dt, device=q.device)                     # (N, T*R, D) / scale
+    v1t = _with_ones(v.to(dt)).reshape(B * K, S, D + 1).transpose(1, 2)             # (N, D1, S)
+    k1t = k1.transpose(1, 2)                                                         # (N, D1, S)
+    dq = torch.empty(B * K, T * R, D, dtype=dt, device=q.device)                     # (N, T*R, D) / scale
     dk = torch.zeros(B * K, S, D, dtype=dt, device=q.device)                         # (N, S, D)
     dv = torch.zeros_like(dk)                                                        # (N, S, D)
-    # FlashAttention-2 order: the outer loop over key tiles owns dK_j and dV_j
-    for j0 in range(0, S, bk):
-        j1 = min(j0 + bk, S)
-        kj, vj = k1[:, j0:j1], v1[:, j0:j1]                                          # (N, bk, D1)
-        for i0 in range(max(0, j0 - offset) if causal else 0, T, bq):               # causal: from the first
-            i1 = min(i0 + bq, T)                                                     # query that sees key j0
-            rows = slice(i0 * R, i1 * R)
-            p = torch.bmm(q1[:, rows], kj.transpose(1, 2))                           # (N, bq*R, bk) s - lse
-            if causal and j1 - 1 > offset + i0:
-                _mask_future_(p, i0, i1, j0, j1, offset, R)
+    future = _future(bq, causal, q.device)
+    for i0, i1, chunks in _plan(T, S, bq, bk, causal):
+        qi, doi = q1[:, i0 * R:i1 * R], do1[:, i0 * R:i1 * R]                        # (N, bq*R, D1)
+        dqi = None
+        for j0, j1 in chunks:
+            p = torch.bmm(qi, k1t[:, :, j0:j1])                                      # (N, bq*R, bk) s - lse
+            if causal:
+                _mask_future_(p, i0, i1, j0, j1, offset, R, future)
             p.exp_()                                                                 # P, in place
-            dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do1[:, rows, :D])              # (N, bk, D) += P^T dO
-            ds = torch.bmm(do1[:, rows], vj.transpose(1, 2)).mul_(p)                # (N, bq*R, bk) P*(dP-Dsum)
-            dq[:, rows].baddbmm_(ds, kj[..., :D])                                    # (N, bq*R, D) += dS K
-            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q1[:, rows, :D])              # (N, bk, D) += dS^T q*scale
+            # matmuls write fresh contiguous tensors (one batched call; into a strided slice ATen
+            # would run one matmul per head), then one add into the slice
+            dv[:, j0:j1] += torch.bmm(p.transpose(1, 2), doi[..., :D])               # (N, bk, D) P^T dO
+            ds = torch.bmm(doi, v1t[:, :, j0:j1]).mul_(p)                            # (N, bq*R, bk) P*(dP-Dsum)
+            dqi = torch.bmm(ds, k1[:, j0:j1, :D]) if dqi is None else dqi.baddbmm_(ds, k1[:, j0:j1, :D])
+            dk[:, j0:j1] += torch.bmm(ds.transpose(1, 2), qi[..., :D])               # (N, bk, D) dS^T q*scale
+        dq[:, i0 * R:i1 * R] = dqi                                                   # (N, bq*R, D) dS K
     dq = _unrows(dq.mul_(scale), B, H, T)                                            # (B, H, T, D)
     return dq.to(q.dtype), dk.reshape(B, K, S, D).to(k.dtype), dv.reshape(B, K, S, D).to(v.dtype)
 
