@@ -97,7 +97,7 @@ def test_online_softmax_update_two_tiles_equal_one_softmax():
 
 
 class _CountOps(TorchDispatchMode):
-    """Counts the ATen operations by name: one amax per forward tile, one exp_ per backward tile."""
+    """Counts the ATen operations by name: one amax per forward tile, one exp2_ per backward tile."""
 
     def __init__(self):
         super().__init__()
@@ -118,7 +118,7 @@ def test_causal_tiles_above_the_diagonal_are_skipped(causal, tiles):
         flash_attention(q.detach(), k.detach(), v.detach(), causal, block_size=16)
     with _CountOps() as bwd:
         out.sum().backward()
-    assert fwd.counts["amax"] == tiles and bwd.counts["exp_"] == tiles
+    assert fwd.counts["amax"] == tiles and bwd.counts["exp2_"] == tiles
     assert fwd.counts.get("masked_fill_", 0) == (4 if causal else 0)  # only the diagonal tiles are masked
 
 
@@ -214,9 +214,12 @@ def test_each_strip_is_one_batched_matmul_per_product():
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::bmm", 0) + counts.get("aten::baddbmm_", 0) == 7 * 8, counts
     assert counts.get("aten::addmm_", 0) == counts.get("aten::mm", 0) == counts.get("aten::addmm", 0) == 0, counts
-    with _CountOps() as fwd:
-        flash_attention(q.detach(), k.detach(), v.detach(), True)
-    assert sum(fwd.counts.values()) < 20 * 8, fwd.counts  # ATen ops, views included: ~14 per strip and a few
+    with _CountOps() as ops:
+        out = flash_attention(q, k, v, True)
+        out.backward(torch.ones_like(out))
+    views = {"view", "_unsafe_view", "slice", "select", "transpose", "unsqueeze", "alias", "detach", "expand"}
+    passes = {name: n for name, n in ops.counts.items() if name not in views}  # each a pass over its tensors
+    assert sum(passes.values()) <= 20 * 8 + 40, passes  # ~18 per strip (7 matmuls), a few per call
 
 
 def test_long_keys_go_through_several_strips_of_one_query_block():
