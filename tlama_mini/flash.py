@@ -19,20 +19,22 @@ Lesson 08 writes this loop plainly, one line per formula (`online_softmax_update
 small square tiles. The functions below compute the same numbers (tested equal in tests/test_flash.py)
 with fewer, larger operations, since in PyTorch every operation is one pass over its tensors, one
 Python dispatch and, with several threads, one parallel region whose threads must all arrive:
-- a query block meets its keys in strips: up to block_k keys at once (default: 2048 for 8 heads on a
-  CPU, 8 MiB of scores), not one small tile at a time, so a causal 8k sequence takes 64 strips of
-  about 8 operations each in the forward, instead of 528 tiles. The online softmax runs across the
-  strips of a query block only when its keys do not fit in one;
+- a block of block_q queries meets its keys in strips of up to block_k keys at once (default 128 x
+  2048 for 8 heads on a CPU, 8 MiB of scores), not in small square tiles: a causal 8k sequence takes
+  160 strips instead of 528 tiles of 256 x 256, and about 6x fewer operations in all (measured in
+  benchmarks/RESULTS.md). The online softmax runs across the strips of one query block; a block whose
+  visible keys fit in one strip (all of them up to 2k) needs none;
 - all heads of a strip in one batched matmul. GQA: the R = H / K query heads that share a kv head are
   laid out as rows of that kv head, row t * R + r = (position t, head r), so a strip is one
   (B * K, bq * R, bk) matmul and the keys are never copied R times;
-- every matmul writes a fresh contiguous tensor (into a strided slice, ATen's CPU matmul falls back
-  to one call per head); per-block results are concatenated once at the end;
-- q is multiplied by the scale once, and by log2(e): exp2 (1.6x faster than exp on a CPU, measured)
-  of scores in base 2 gives the same probabilities; a column of ones appended to v makes p @ [v, 1] return l (the row
-  sums) with acc, in the same matmul;
-- in the backward, [q, -lse] @ [k, 1]^T = scale q k^T - lse and [dO, -Dsum] @ [v, 1]^T = dP - Dsum, so
-  the two subtractions ride along in the matmuls; the rest is in place (exp_, mul_);
+- every matmul writes a contiguous tensor, one of a few scratch buffers reused by every strip (into a
+  strided slice, ATen's CPU matmul falls back to one call per head), then one copy or add into place;
+- q is multiplied by the scale once, and by log2(e): exp2 of scores in base 2 gives the same
+  probabilities, and torch's exp2 is 1.6x faster than its exp on this CPU; a column of ones appended to
+  v makes p @ [v, 1] return l (the row sums) with acc, in the same matmul;
+- in the backward, [q, -lse] @ [k, 1]^T = scale q k^T - lse and [dO, -Dsum] @ [v, 1]^T = dP - Dsum (all
+  times log2(e) where exp2 follows), so the two subtractions ride along in the matmuls; the rest is in
+  place (exp2_, mul_, add_);
 - causal: keys in a block's future are never computed; only the square at the diagonal is masked, with
   one precomputed (bq, bq) triangle;
 - block sizes from `default_blocks` (measured in benchmarks/RESULTS.md).
