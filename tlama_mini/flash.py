@@ -21,7 +21,7 @@ with fewer, larger operations, since in PyTorch every operation is one pass over
 Python dispatch and, with several threads, one parallel region whose threads must all arrive:
 - a block of block_q queries meets its keys in strips of up to block_k keys at once (default 128 x
   2048 for 8 heads on a CPU, 8 MiB of scores), not in small square tiles: a causal 8k sequence takes
-  160 strips instead of 528 tiles of 256 x 256, and about 6x fewer operations in all (measured in
+  160 strips instead of 528 tiles of 256 x 256, and 10x fewer kernels in all (measured in
   benchmarks/RESULTS.md). The online softmax runs across the strips of one query block; a block whose
   visible keys fit in one strip (all of them up to 2k) needs none;
 - all heads of a strip in one batched matmul. GQA: the R = H / K query heads that share a kv head are
