@@ -4,6 +4,12 @@
     python benchmarks/bench_attention.py --backward --lengths 1024 4096 8192 16384   # forward + backward
     python benchmarks/bench_attention.py --quick         # T = 256 512 (CI)
     python benchmarks/bench_attention.py --out benchmarks/attention.md
+    python benchmarks/bench_attention.py --interleave 3 --threads 1 --lengths 1024 4096 8192 16384
+
+--interleave N: SDPA and the tiled version, forward + backward, alternated N rounds in one process per
+length (a busy machine then slows both alike); reports wall and process CPU time (best and median),
+their ratios, the kernels one tiled call runs (`count_kernels`: each one pass over its tensors and,
+with several threads, one parallel region) and the load average before and after.
 
 Every (device, method, length) runs in a fresh Python process so the measurements cannot disturb one
 another. Peak memory is the extra memory above the state right before the call:
@@ -76,6 +82,75 @@ def _run(method: str, q, k, v, block, dout):
     return out.detach()
 
 
+# operations that only make views or allocate: no pass over memory, no parallel region
+_NOT_KERNELS = {"view", "_unsafe_view", "slice", "select", "transpose", "t", "unsqueeze", "squeeze", "alias",
+                "detach", "expand", "as_strided", "reshape", "_reshape_alias", "permute", "narrow", "empty",
+                "empty_strided", "new_empty", "resize_", "lift_fresh"}
+
+
+def count_kernels(fn) -> int:
+    """The operations that run a kernel in one call of fn: the innermost ATen operations the profiler
+    records (so a batched matmul that ATen runs as one matmul per head counts once per head), minus views
+    and allocations. Each is one pass over its tensors and, with several threads, one parallel region."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if not e.cpu_children and e.name.startswith("aten::")
+               and e.name[len("aten::"):] not in _NOT_KERNELS)
+
+
+def interleaved_child(a: argparse.Namespace) -> None:
+    """SDPA and flash, forward + backward, alternated --interleave rounds; prints one JSON line."""
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, a.heads, a.length, a.dim, generator=g).requires_grad_() for _ in range(3))
+    dout = torch.randn(1, a.heads, a.length, a.dim, generator=g)
+    load = os.getloadavg()[0]
+    ops = count_kernels(lambda: _run("flash", q, k, v, a.block, dout))   # doubles as flash's warm-up
+    _run("sdpa", q, k, v, a.block, dout)      # SDPA's warm-up
+    wall = {"sdpa": [], "flash": []}
+    cpu = {"sdpa": [], "flash": []}
+    outs = {}
+    for _ in range(a.interleave):
+        for method in ("sdpa", "flash"):
+            t0, c0 = time.perf_counter(), time.process_time()
+            outs[method] = _run(method, q, k, v, a.block, dout)
+            cpu[method].append(time.process_time() - c0)
+            wall[method].append(time.perf_counter() - t0)
+    med = lambda x: sorted(x)[len(x) // 2]
+    print(json.dumps({"wall": wall, "cpu": cpu, "best": {m: min(t) for m, t in wall.items()},
+                      "median": {m: med(t) for m, t in wall.items()}, "cpu_best": {m: min(t) for m, t in cpu.items()},
+                      "ops": ops, "load": [load, os.getloadavg()[0]],
+                      "diff": float((outs["flash"] - outs["sdpa"]).abs().max())}))
+
+
+def interleaved(a: argparse.Namespace, lengths: list[int]) -> str:
+    threads = a.threads or torch.get_num_threads()
+    lines = [f"Causal attention forward + backward, B=1, H={a.heads}, D={a.dim}, fp32, CPU, SDPA and flash "
+             f"alternated {a.interleave} rounds in one process per length; flash tiles "
+             f"{f'{a.block}x{a.block}' if a.block else 'from flash.default_blocks'}; torch {torch.__version__}, "
+             f"{threads} threads, CPU cores {os.cpu_count()}.", "",
+             "| T | SDPA ms (best / median) | flash ms (best / median) | flash / SDPA, wall (best) | "
+             "flash / SDPA, CPU time (best) | flash kernels per call | max abs diff | load average (before, after) |",
+             "|---:|---|---|---:|---:|---:|---:|---|"]
+    print("\n".join(lines), flush=True)
+    for T in lengths:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--interleave", str(a.interleave),
+               "--length", str(T), "--heads", str(a.heads), "--dim", str(a.dim)] + \
+            (["--threads", str(a.threads)] if a.threads else []) + (["--block", str(a.block)] if a.block else [])
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"interleaved run at T={T} failed:\n{res.stderr[-2000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        b, m, c = r["best"], r["median"], r["cpu_best"]
+        lines.append(f"| {T} | {1000 * b['sdpa']:.1f} / {1000 * m['sdpa']:.1f} | {1000 * b['flash']:.1f} / "
+                     f"{1000 * m['flash']:.1f} | {b['flash'] / b['sdpa']:.2f} | {c['flash'] / c['sdpa']:.2f} | "
+                     f"{r['ops']} | {r['diff']:.1e} | {r['load'][0]:.1f}, {r['load'][1]:.1f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def child(a: argparse.Namespace) -> None:
     """Run one measurement and print it as JSON."""
     if a.threads:
@@ -138,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS", help="forward + backward of SDPA "
+                   "and flash alternated ROUNDS times in one process per length (CPU; no memory, no naive)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice); 1 gives "
                    "steadier numbers on a busy machine")
     # internal: one measurement in a fresh process
@@ -148,8 +225,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        return child(a)
+        return interleaved_child(a) if a.interleave else child(a)
     lengths = [256, 512] if a.quick else a.lengths
+    if a.interleave:
+        text = interleaved(a, lengths)
+        if a.out:
+            with open(a.out, "w") as f:
+                f.write(text)
+        return
     devices = a.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     tiles = f"{a.block}x{a.block}" if a.block else "from flash.default_blocks"
     lines = [f"Causal attention {'forward + backward' if a.backward else 'forward'}, B=1, H={a.heads}, D={a.dim}, "

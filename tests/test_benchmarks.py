@@ -66,3 +66,13 @@ def test_attention_benchmark_forward_backward_quick():
     diffs = [float(r.split("|")[-2]) for r in rows if "not run" not in r]
     assert max(diffs) < 1e-5, out
     assert len(re.findall(r"T=(256|512): flash time = \d+\.\d+ x SDPA", out[out.rindex("|---|"):])) == 2, out
+
+
+def test_attention_benchmark_interleaved_flash_quick():
+    out = _run("benchmarks/bench_attention.py", "--quick", "--threads", "1", "--interleave", "2")
+    rows = [line.split("|") for line in out.splitlines() if re.match(r"\| (256|512) \|", line)]
+    assert [r[1].strip() for r in rows] == ["256", "512"], out
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[5]) > 0, out  # flash / SDPA time ratios, wall and CPU
+        assert int(r[6]) > 0, out                        # kernels per tiled call
+        assert float(r[7]) < 1e-5, out                   # flash equals SDPA

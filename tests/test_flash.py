@@ -97,7 +97,7 @@ def test_online_softmax_update_two_tiles_equal_one_softmax():
 
 
 class _CountOps(TorchDispatchMode):
-    """Counts the ATen operations by name: one amax per forward tile, one exp_ per backward tile."""
+    """Counts the ATen operations by name: one amax per forward tile, one exp2_ per backward tile."""
 
     def __init__(self):
         super().__init__()
@@ -118,7 +118,7 @@ def test_causal_tiles_above_the_diagonal_are_skipped(causal, tiles):
         flash_attention(q.detach(), k.detach(), v.detach(), causal, block_size=16)
     with _CountOps() as bwd:
         out.sum().backward()
-    assert fwd.counts["amax"] == tiles and bwd.counts["exp_"] == tiles
+    assert fwd.counts["amax"] == tiles and bwd.counts["exp2_"] == tiles
     assert fwd.counts.get("masked_fill_", 0) == (4 if causal else 0)  # only the diagonal tiles are masked
 
 
@@ -191,14 +191,50 @@ def test_fast_path_equals_lesson_08_teaching_version(T, S, causal, H, K, block_q
 
 
 def test_default_blocks_fit_the_device_and_length():
-    assert default_blocks(8, 8192, 8192, "cpu") == (256, 256)  # 2 MiB of float32 scores per tile
-    assert default_blocks(32, 8192, 8192, "cpu") == (128, 128)  # more heads: smaller tiles
-    assert default_blocks(8, 100, 8192, "cpu") == (100, 256)  # never longer than the sequence
-    assert default_blocks(1, 8192, 8192, "cpu") == (512, 512)
-    assert default_blocks(8, 16384, 16384, "cuda") == (1024, 1024)  # fewer launches on a GPU
-    for heads in (1, 3, 8, 64, 1000):
-        bq, bk = default_blocks(heads, 10**5, 10**5, "cpu")
-        assert bq == bk and bq & (bq - 1) == 0 and 64 <= bq <= 1024
+    assert default_blocks(8, 8192, 8192, "cpu") == (128, 2048)  # 8 MiB of float32 scores per strip
+    assert default_blocks(32, 8192, 8192, "cpu") == (128, 512)  # more heads: narrower strips
+    assert default_blocks(8, 100, 8192, "cpu") == (100, 2048)  # never longer than the sequence
+    assert default_blocks(8, 8192, 300, "cpu") == (128, 300)
+    assert default_blocks(1, 16384, 16384, "cpu") == (128, 16384)  # one head: a whole row of keys at once
+    assert default_blocks(8, 16384, 16384, "cuda") == (1024, 4096)  # 128 MiB on a GPU: fewer launches
+    for heads in (1, 3, 8, 64, 1000, 10**5):
+        bq, bk = default_blocks(heads, 10**6, 10**6, "cpu")
+        assert bq & (bq - 1) == 0 and bk & (bk - 1) == 0 and 16 <= bq <= 128 and bk >= bq, (heads, bq, bk)
+        assert heads * bq * bk * 4 <= 8 * 2**20 or bq == bk == 16, (heads, bq, bk)  # within the budget
+
+
+def test_each_strip_is_one_batched_matmul_per_product():
+    # causal T = S = 1024, 8 heads, default blocks (128 x 2048 on a CPU, cut to 1024 keys): 8 query blocks
+    # of one strip each; 2 matmuls per strip forward, 5 backward, each one batched call over all heads
+    # (ATen's CPU bmm into a strided slice would run one addmm per head instead)
+    q, k, v = _qkv(1, 8, 4, 1024, 1024, 16)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = flash_attention(q, k, v, True)
+        out.backward(torch.ones_like(out))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::bmm", 0) + counts.get("aten::baddbmm_", 0) == 7 * 8, counts
+    assert counts.get("aten::addmm_", 0) == counts.get("aten::mm", 0) == counts.get("aten::addmm", 0) == 0, counts
+    with _CountOps() as ops:
+        out = flash_attention(q, k, v, True)
+        out.backward(torch.ones_like(out))
+    views = {"view", "_unsafe_view", "slice", "select", "transpose", "unsqueeze", "alias", "detach", "expand"}
+    passes = {name: n for name, n in ops.counts.items() if name not in views}  # each a pass over its tensors
+    assert sum(passes.values()) <= 20 * 8 + 40, passes  # ~18 per strip (7 matmuls), a few per call
+
+
+def test_long_keys_go_through_several_strips_of_one_query_block():
+    # 1 head, T = 40 queries after 300 cached keys, strips of 64 keys: the online softmax across strips,
+    # the widened first (diagonal) strip when block_k < block_q, and GQA rows, against naive attention
+    for (H, K, T, S, bq, bk) in [(1, 1, 40, 340, 16, 64), (4, 2, 64, 64, 32, 8), (6, 2, 50, 131, 64, 17)]:
+        q, k, v = _qkv(2, H, K, T, S, 16, seed=H + bk)
+        ref = naive_attention(q, _expand(k, H // K), _expand(v, H // K), _bottom_right(T, S))
+        out = flash_attention(q, k, v, True, block_q=bq, block_k=bk)
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want = torch.autograd.grad(ref, (q, k, v), dout)
+        assert (out - ref).abs().max() < 1e-5
+        for name, a, b in zip("qkv", got, want):
+            assert (a - b).abs().max() < 5e-5, (H, K, T, S, bq, bk, name)
 
 
 def test_backward_saves_no_score_matrix():

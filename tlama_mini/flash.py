@@ -15,32 +15,43 @@ P = exp(scale * q k^T - lse), and accumulate
     dQ += scale * dS K,   dK += scale * dS^T Q.
 Memory is O(T + S) per head plus one tile, instead of O(T * S).
 
-Lesson 08 writes this loop plainly, one line per formula (`online_softmax_update` is its step). The
-functions below compute the same numbers (tested equal in tests/test_flash.py) with fewer, larger
-operations, since in PyTorch every operation is one pass over a tile in memory plus Python overhead:
-- all heads of a tile in one batched matmul. GQA: the R = H / K query heads that share a kv head are
-  laid out as rows of that kv head, row t * R + r = (position t, head r), so a tile is one
+Lesson 08 writes this loop plainly, one line per formula (`online_softmax_update` is its step), over
+small square tiles. The functions below compute the same numbers (tested equal in tests/test_flash.py)
+with fewer, larger operations, since in PyTorch every operation is one pass over its tensors, one
+Python dispatch and, with several threads, one parallel region whose threads must all arrive:
+- a block of block_q queries meets its keys in strips of up to block_k keys at once (default 128 x
+  2048 for 8 heads on a CPU, 8 MiB of scores), not in small square tiles: a causal 8k sequence takes
+  160 strips instead of 528 tiles of 256 x 256, and 10x fewer kernels in all (measured in
+  benchmarks/RESULTS.md). The online softmax runs across the strips of one query block; a block whose
+  visible keys fit in one strip (all of them up to 2k) needs none;
+- all heads of a strip in one batched matmul. GQA: the R = H / K query heads that share a kv head are
+  laid out as rows of that kv head, row t * R + r = (position t, head r), so a strip is one
   (B * K, bq * R, bk) matmul and the keys are never copied R times;
-- q is multiplied by the scale once, not every tile;
-- a column of ones appended to v makes p @ [v, 1] return l (the row sums) with acc, in the same matmul;
-- in the backward, [q, -lse] @ [k, 1]^T = scale q k^T - lse and [dO, -Dsum] @ [v, 1]^T = dP - Dsum, so
-  the two subtractions ride along in the matmuls; the rest is in place (exp_, mul_, baddbmm_);
-- only tiles that cross the causal diagonal are masked, and only their rows that have a future key;
-  tiles entirely in the future are skipped (about half of them for T == S);
-- tile sizes from `default_blocks`: large enough that the Python loop costs little, small enough that
-  a tile's passes stay in the CPU's caches (measured in benchmarks/RESULTS.md).
+- every matmul writes a contiguous tensor, one of a few scratch buffers reused by every strip (into a
+  strided slice, ATen's CPU matmul falls back to one call per head), then one copy or add into place;
+- q is multiplied by the scale once, and by log2(e): exp2 of scores in base 2 gives the same
+  probabilities, and torch's exp2 is 1.6x faster than its exp on this CPU; a column of ones appended to
+  v makes p @ [v, 1] return l (the row sums) with acc, in the same matmul;
+- in the backward, [q, -lse] @ [k, 1]^T = scale q k^T - lse and [dO, -Dsum] @ [v, 1]^T = dP - Dsum (all
+  times log2(e) where exp2 follows), so the two subtractions ride along in the matmuls; the rest is in
+  place (exp2_, mul_, add_);
+- causal: keys in a block's future are never computed; only the square at the diagonal is masked, with
+  one precomputed (bq, bq) triangle;
+- block sizes from `default_blocks` (measured in benchmarks/RESULTS.md).
 
 Causal masking is bottom-right aligned, as in `attention.attention`: query i sits at absolute
 position S - T + i (decoding with a KV cache) and sees keys 0..S-T+i.
 Everything is accumulated in float32 (float64 inputs stay float64, for gradcheck).
 Legend: B batch, H query heads, K kv heads, R = n_rep = H / K, T queries, S keys, D head_dim,
-bq / bk query / key tile sizes, N = B * K, D1 = D + 1.
+bq query block rows, bk key strip width, N = B * K, D1 = D + 1.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+LOG2E, LN2 = 1 / math.log(2), math.log(2)  # exp(x) = exp2(x * LOG2E); torch's exp2 is faster than its exp
 
 
 def online_softmax_update(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, scores: torch.Tensor,
@@ -64,18 +75,24 @@ def online_softmax_update(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, s
 def default_blocks(n_heads: int, T: int, S: int, device: torch.device | str = "cpu") -> tuple[int, int]:
     """(block_q, block_k) for `n_heads` = B * H heads of T queries and S keys.
 
-    A tile holds n_heads * bq * bk scores and each operation makes one pass over it. On a CPU, tiles
-    whose scores outgrow the caches make those passes go to main memory, and small tiles cost more
-    Python per token: 2 MiB of float32 (256 x 256 for 8 heads) was among the fastest on a 2-core AMD
-    EPYC (forward + backward, 64 to 256 within noise of each other, 512 and 1024 1.4x and 1.8x
-    slower; benchmarks/RESULTS.md). On a GPU larger tiles mean fewer kernel launches. Tiles are
-    square powers of two between 64 and 1024 and no longer than the sequence.
+    A query block of block_q rows is multiplied with up to block_k keys at once: a strip of
+    n_heads * block_q * block_k scores, one batched matmul and a handful of elementwise passes. Each
+    operation is one parallel region and one Python dispatch, so wider strips mean fewer of them
+    (with 2 threads on a busy machine every region waits for its second thread); each pass over a
+    strip that outgrows the caches goes to memory, which bounds the width. On a CPU the strip is
+    about 8 MiB of float32 (block_q 128, block_k 2048 for 8 heads), on a GPU 128 MiB (fewer kernel
+    launches); measured in benchmarks/RESULTS.md. Sizes are powers of two, block_q between 16 and
+    128 (1024 on a GPU), block_k at least block_q, neither longer than the sequence.
     """
-    budget = (2 if torch.device(device).type == "cpu" else 64) * 2**20 // 4   # floats per tile
-    edge = 64
-    while edge < 1024 and n_heads * (2 * edge) ** 2 <= budget:
-        edge *= 2
-    return min(edge, max(T, 1)), min(edge, max(S, 1))
+    gpu = torch.device(device).type != "cpu"
+    budget = (128 if gpu else 8) * 2**20 // 4                  # floats in one strip of scores
+    bq = 1024 if gpu else 128
+    while bq > 16 and n_heads * bq * bq > budget:
+        bq //= 2
+    bk = bq
+    while n_heads * bq * bk * 2 <= budget and bk < max(S, 1):
+        bk *= 2
+    return min(bq, max(T, 1)), min(bk, max(S, 1))
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,17 +139,50 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
-def _mask_future_(s: torch.Tensor, i0: int, i1: int, j0: int, j1: int, offset: int, R: int) -> None:
-    """Set to -inf, in place, the scores of tile (queries i0..i1, keys j0..j1) that lie in a query's
-    future (key position > offset + query index). s (N, (i1 - i0) * R, j1 - j0); only the first rows,
-    those of queries before offset + i < j1 - 1, can have a future key in the tile."""
-    n = min(i1, j1 - 1 - offset) - i0                                  # queries with a future key here
-    if n > 0:
-        qpos = torch.arange(i0, i0 + n, device=s.device)[:, None, None] + offset   # (n, 1, 1)
-        kpos = torch.arange(j0, j1, device=s.device)                               # (bk,)
-        s[:, : n * R].view(s.shape[0], n, R, j1 - j0).masked_fill_(kpos > qpos, float("-inf"))
+def _plan(T: int, S: int, bq: int, bk: int, causal: bool):
+    """Yield (i0, i1, chunks) per query block i0..i1: the key chunks (j0, j1) it attends to, at most bk
+    wide, ending where its last query's visible keys end (causal: S - T + i1; whole future tiles are
+    never computed). The chunk holding the diagonal comes first and reaches down to key S - T + i0, so
+    every query sees a key in its first chunk and the running max is finite from the start."""
+    offset = S - T                                              # absolute position of query 0
+    for i0 in range(0, T, bq):
+        i1 = min(i0 + bq, T)
+        end = min(S, offset + i1) if causal else S
+        chunks, j1 = [], end
+        while j1 > 0:
+            j0 = max(0, j1 - bk)
+            if causal and not chunks:
+                j0 = max(0, min(j0, offset + i0))
+            chunks.append((j0, j1))
+            j1 = j0
+        yield i0, i1, chunks
 
 
+def _mask_future_(s: torch.Tensor, i0: int, i1: int, j0: int, j1: int, offset: int, R: int,
+                  future: torch.Tensor) -> None:
+    """Set to -inf, in place, the scores of queries i0..i1 for keys j0..j1 that lie in a query's future
+    (key > offset + query). s (N, (i1 - i0) * R, j1 - j0). Only a square at the diagonal can hold such
+    keys: columns from offset + i0 + 1 on, rows of queries before offset + i < j1 - 1. future (bq, bq) is
+    True above the diagonal (key c > query r, both counted from offset + i0 and i0)."""
+    c0 = max(j0, offset + i0 + 1)                               # the first key in some query's future
+    n = min(i1, j1 - 1 - offset) - i0                           # queries with a future key here
+    if c0 < j1 and n > 0:
+        rows = s.view(s.shape[0], i1 - i0, R, j1 - j0)[:, :n, :, c0 - j0:]    # (N, n, R, j1 - c0)
+        rows.masked_fill_(future[:n, None, c0 - offset - i0: j1 - offset - i0], float("-inf"))
+
+
+def _future(bq: int, causal: bool, device: torch.device) -> torch.Tensor | None:
+    return torch.ones(bq, bq, dtype=torch.bool, device=device).triu(1) if causal else None   # (bq, bq)
+
+
+def _scratch(buf: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous `shape` view at the start of the flat buffer `buf`. Every strip reuses the same few
+    buffers (matmuls write into them with out=), so the allocator sees a few blocks per call instead of
+    a new size per strip, which fragmented the heap and raised the resident peak by up to 2.5x."""
+    return buf[: math.prod(shape)].view(shape)
+
+
+@torch.no_grad()
 def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, *,
                   block_q: int | None = None, block_k: int | None = None, scale: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,42 +193,43 @@ def flash_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     B, H, T, D = q.shape
     K, S, R = k.shape[1], k.shape[2], H // k.shape[1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    offset, dt = S - T, _acc_dtype(q)                        # offset: absolute position of query 0
-    qs = _rows(q.to(dt) * scale, K)                          # (N, T*R, D) scaled once: s = qs @ k^T
-    kn = k.to(dt).reshape(B * K, S, D)                       # (N, S, D)
+    offset, dt = S - T, _acc_dtype(q)
+    qs = _rows(q.to(dt) * (scale * LOG2E), K)                # (N, T*R, D) scaled once: s2 = qs @ k^T
+    kt = k.to(dt).reshape(B * K, S, D).transpose(1, 2)       # (N, D, S)
     v1 = _with_ones(v.to(dt)).reshape(B * K, S, D + 1)       # (N, S, D1): p @ v1 = [acc, l]
-    out = torch.empty(B * K, T * R, D, dtype=dt, device=q.device)   # (N, T*R, D)
-    lse = torch.empty(B * K, T * R, dtype=dt, device=q.device)      # (N, T*R)
-    for i0 in range(0, T, bq):
-        i1 = min(i0 + bq, T)
-        rows = slice(i0 * R, i1 * R)
-        qi = qs[:, rows]                                     # (N, bq*R, D)
-        m = acc_l = None
-        # causal: key tiles from min(S, offset + i1) on are in every query's future; the first tile
-        # holds key 0, which every query sees, so m is finite from the first tile on
-        for j0 in range(0, min(S, offset + i1) if causal else S, bk):
-            j1 = min(j0 + bk, S)
-            s = torch.bmm(qi, kn[:, j0:j1].transpose(1, 2))   # (N, bq*R, bk) scaled scores
-            if causal and j1 - 1 > offset + i0:             # the tile crosses the diagonal
-                _mask_future_(s, i0, i1, j0, j1, offset, R)
-            m_tile = s.amax(dim=-1)                          # (N, bq*R)
-            m_new = m_tile if m is None else torch.maximum(m, m_tile)
-            p = s.sub_(m_new[..., None]).exp_()              # (N, bq*R, bk) in place
-            if acc_l is None:
-                acc_l = torch.bmm(p, v1[:, j0:j1])           # (N, bq*R, D1)
-            else:                                            # rescale the old sums, add this tile's
-                acc_l.mul_(torch.exp(m - m_new)[..., None]).baddbmm_(p, v1[:, j0:j1])
-            m = m_new
-        out[:, rows] = acc_l[..., :D] / acc_l[..., D:]       # (N, bq*R, D)
-        lse[:, rows] = m + acc_l[..., D].log()               # (N, bq*R)
+    future, N, width = _future(bq, causal, q.device), B * K, min(S, max(bq, bk))    # width: the widest strip
+    acc = torch.empty(N, T * R, D + 1, dtype=dt, device=q.device)     # (N, T*R, D1) [acc, l] per row
+    mx = torch.empty(N, T * R, dtype=dt, device=q.device)             # (N, T*R) running max, base 2
+    s_buf = q.new_empty(N * bq * R * width, dtype=dt)                 # one strip of scores
+    acc_buf = q.new_empty(N * bq * R * (D + 1), dtype=dt)             # one query block's [acc, l]
+    for i0, i1, chunks in _plan(T, S, bq, bk, causal):
+        rows, n = slice(i0 * R, i1 * R), (i1 - i0) * R
+        qi, m = qs[:, rows], mx[:, rows]                     # (N, bq*R, D), (N, bq*R) a view: updated in place
+        for c, (j0, j1) in enumerate(chunks):
+            s = torch.bmm(qi, kt[:, :, j0:j1], out=_scratch(s_buf, N, n, j1 - j0))   # (N, bq*R, bk) scores*log2e
+            if causal:
+                _mask_future_(s, i0, i1, j0, j1, offset, R, future)
+            if c == 0:                                       # first chunk: no running state yet
+                torch.amax(s, dim=-1, out=m)
+                acc_l = torch.bmm(s.sub_(m[..., None]).exp2_(), v1[:, j0:j1],
+                                  out=_scratch(acc_buf, N, n, D + 1))            # (N, bq*R, D1)
+            else:                                            # online softmax: rescale, add this chunk
+                m_new = torch.maximum(m, s.amax(dim=-1))
+                acc_l.mul_(torch.exp2(m - m_new)[..., None]).baddbmm_(s.sub_(m_new[..., None]).exp2_(),
+                                                                       v1[:, j0:j1])
+                m.copy_(m_new)
+        acc[:, rows] = acc_l
+    out = acc[..., :D] / acc[..., D:]                        # (N, T*R, D)
+    lse = acc[..., D].log().add_(mx, alpha=LN2)              # (N, T*R) natural log
     return _unrows(out, B, H, T).to(q.dtype), _unrows(lse, B, H, T)
 
 
+@torch.no_grad()
 def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, causal: bool = True, *, block_q: int | None = None,
                    block_k: int | None = None, scale: float | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tiled backward pass: recompute P tile by tile from lse. Returns dq (B, H, T, D) and
+    """Tiled backward pass: recompute P strip by strip from lse. Returns dq (B, H, T, D) and
     dk, dv (B, K, S, D), in the dtypes of q, k, v."""
     bq, bk = _blocks(q, k, block_q, block_k)
     B, H, T, D = q.shape
@@ -186,30 +237,41 @@ def flash_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     offset, dt = S - T, _acc_dtype(q)
     dsum = (dout.to(dt) * out.to(dt)).sum(dim=-1, keepdim=True)                     # (B, H, T, 1) rowsum(dO*O)
-    q1 = _rows(torch.cat([q.to(dt) * scale, -lse.to(dt)[..., None]], dim=-1), K)    # (N, T*R, D1) [q*scale, -lse]
+    q1 = _rows(torch.cat([q.to(dt) * (scale * LOG2E), lse.to(dt)[..., None] * -LOG2E], dim=-1), K)
+    # (N, T*R, D1) [q*scale, -lse] * log2(e), so that exp2 of q1 @ k1^T is P
     do1 = _rows(torch.cat([dout.to(dt), -dsum], dim=-1), K)                          # (N, T*R, D1) [dO, -Dsum]
     k1 = _with_ones(k.to(dt)).reshape(B * K, S, D + 1)                               # (N, S, D1)
-    v1 = _with_ones(v.to(dt)).reshape(B * K, S, D + 1)                               # (N, S, D1)
-    dq = torch.zeros(B * K, T * R, D, dtype=dt, device=q.device)                     # (N, T*R, D) / scale
+    v1t = _with_ones(v.to(dt)).reshape(B * K, S, D + 1).transpose(1, 2)             # (N, D1, S)
+    k1t = k1.transpose(1, 2)                                                         # (N, D1, S)
+    dq = torch.empty(B * K, T * R, D, dtype=dt, device=q.device)                     # (N, T*R, D) / scale
     dk = torch.zeros(B * K, S, D, dtype=dt, device=q.device)                         # (N, S, D)
     dv = torch.zeros_like(dk)                                                        # (N, S, D)
-    # FlashAttention-2 order: the outer loop over key tiles owns dK_j and dV_j
-    for j0 in range(0, S, bk):
-        j1 = min(j0 + bk, S)
-        kj, vj = k1[:, j0:j1], v1[:, j0:j1]                                          # (N, bk, D1)
-        for i0 in range(max(0, j0 - offset) if causal else 0, T, bq):               # causal: from the first
-            i1 = min(i0 + bq, T)                                                     # query that sees key j0
-            rows = slice(i0 * R, i1 * R)
-            p = torch.bmm(q1[:, rows], kj.transpose(1, 2))                           # (N, bq*R, bk) s - lse
-            if causal and j1 - 1 > offset + i0:
-                _mask_future_(p, i0, i1, j0, j1, offset, R)
-            p.exp_()                                                                 # P, in place
-            dv[:, j0:j1].baddbmm_(p.transpose(1, 2), do1[:, rows, :D])              # (N, bk, D) += P^T dO
-            ds = torch.bmm(do1[:, rows], vj.transpose(1, 2)).mul_(p)                # (N, bq*R, bk) P*(dP-Dsum)
-            dq[:, rows].baddbmm_(ds, kj[..., :D])                                    # (N, bq*R, D) += dS K
-            dk[:, j0:j1].baddbmm_(ds.transpose(1, 2), q1[:, rows, :D])              # (N, bk, D) += dS^T q*scale
+    future, N, width = _future(bq, causal, q.device), B * K, min(S, max(bq, bk))
+    p_buf, ds_buf = (q.new_empty(N * bq * R * width, dtype=dt) for _ in range(2))   # one strip each
+    part_buf = q.new_empty(N * width * D, dtype=dt)                                  # one strip's dK or dV
+    dq_buf = q.new_empty(N * bq * R * D, dtype=dt)                                   # one query block's dQ
+    for i0, i1, chunks in _plan(T, S, bq, bk, causal):
+        rows, n = slice(i0 * R, i1 * R), (i1 - i0) * R
+        qi, doi = q1[:, rows], do1[:, rows]                                          # (N, bq*R, D1)
+        for c, (j0, j1) in enumerate(chunks):
+            w = j1 - j0
+            p = torch.bmm(qi, k1t[:, :, j0:j1], out=_scratch(p_buf, N, n, w))        # (N, bq*R, bk) s - lse
+            if causal:
+                _mask_future_(p, i0, i1, j0, j1, offset, R, future)
+            p.exp2_()                                                                # P, in place
+            # matmuls write contiguous tensors (one batched call; into a strided slice ATen would
+            # run one matmul per head), then one add into the slice
+            dv[:, j0:j1].add_(torch.bmm(p.transpose(1, 2), doi[..., :D], out=_scratch(part_buf, N, w, D)))
+            ds = torch.bmm(doi, v1t[:, :, j0:j1], out=_scratch(ds_buf, N, n, w)).mul_(p)   # P*(dP-Dsum)
+            if c == 0:                                                               # (N, bq*R, D) dS K
+                dqi = torch.bmm(ds, k1[:, j0:j1, :D], out=_scratch(dq_buf, N, n, D))
+            else:
+                dqi.baddbmm_(ds, k1[:, j0:j1, :D])
+            dk[:, j0:j1].add_(torch.bmm(ds.transpose(1, 2), qi[..., :D], out=_scratch(part_buf, N, w, D)))
+        dq[:, rows] = dqi                                                            # dS^T q*scale*log2e above
     dq = _unrows(dq.mul_(scale), B, H, T)                                            # (B, H, T, D)
-    return dq.to(q.dtype), dk.reshape(B, K, S, D).to(k.dtype), dv.reshape(B, K, S, D).to(v.dtype)
+    dk = dk.mul_(LN2).reshape(B, K, S, D)                                            # (B, K, S, D)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.reshape(B, K, S, D).to(v.dtype)
 
 
 class FlashAttention(torch.autograd.Function):
