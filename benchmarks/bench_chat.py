@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tlama_mini import chat_tasks as C
-from tlama_mini.checkpoint import load_for_inference
+from tlama_mini.sample import load_for_inference
 from tlama_mini.cli import main as cli
 from tlama_mini.sft import gguf_to_checkpoint, load_chat_corpus, reply_to
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tlama_mini import chat as chat_module
 from tlama_mini import cli
 from tlama_mini import gguf as G
 from tlama_mini.chat import stream_reply
@@ -36,7 +37,7 @@ def test_prompt_answers_once(path):
 
 def test_conversation_from_a_pipe_keeps_history_and_ends_at_eof(loaded, monkeypatch, capsys):
     model, tok = loaded
-    monkeypatch.setattr(G, "load_gguf", lambda path=None, *a, **k: loaded)
+    monkeypatch.setattr(chat_module, "load_gguf", lambda path=None, *a, **k: loaded)  # the name cmd_chat calls
     seen = []
     real = tok.apply_chat_template
 
@@ -54,7 +55,7 @@ def test_conversation_from_a_pipe_keeps_history_and_ends_at_eof(loaded, monkeypa
 
 
 def test_stdin_closed_exits_cleanly(loaded, monkeypatch, capsys):
-    monkeypatch.setattr(G, "load_gguf", lambda path=None, *a, **k: loaded)
+    monkeypatch.setattr(chat_module, "load_gguf", lambda path=None, *a, **k: loaded)  # the name cmd_chat calls
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert cli.main(["chat"]) == 0
 

@@ -7,6 +7,7 @@ import torch
 
 from tlama_mini import TlamaConfig, Transformer
 from tlama_mini import checkpoint as ckpt
+from tlama_mini.sample import load_for_inference
 from tlama_mini.tokenizer import CharTokenizer
 
 CFG = TlamaConfig.from_preset("tiny", vocab_size=65, max_seq_len=32, tie_embeddings=True)
@@ -30,7 +31,7 @@ def test_round_trip_keeps_weights_tie_state_and_tokenizer(tmp_path):
     model = make(0)
     where = save(tmp_path / "ckpt", model, step=7)
     assert sorted(p.name for p in where.iterdir()) == ["config.json", "model.safetensors", "state.pt", "tokenizer.json"]
-    loaded, tokenizer, meta = ckpt.load_for_inference(tmp_path)  # the run folder works too
+    loaded, tokenizer, meta = load_for_inference(tmp_path)  # the run folder works too
     assert weights_equal(model, loaded) and meta["step"] == 7
     assert loaded.output.weight is loaded.token_emb.weight  # the tie survives
     assert tokenizer.decode(tokenizer.encode("cab")) == "cab"
@@ -54,12 +55,12 @@ def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatc
         save(tmp_path / "ckpt", make(1), step=2)
     monkeypatch.undo()
     assert (tmp_path / "ckpt.tmp").exists()  # the half-written one is only ever in ckpt.tmp
-    loaded, _, meta = ckpt.load_for_inference(tmp_path)
+    loaded, _, meta = load_for_inference(tmp_path)
     assert meta["step"] == 1 and weights_equal(old, loaded)
     new = make(2)
     save(tmp_path / "ckpt", new, step=3)  # the next save cleans up
     assert not (tmp_path / "ckpt.tmp").exists() and not (tmp_path / "ckpt.old").exists()
-    assert weights_equal(new, ckpt.load_for_inference(tmp_path)[0])
+    assert weights_equal(new, load_for_inference(tmp_path)[0])
 
 
 def test_crash_between_the_two_renames_is_recovered(tmp_path):
@@ -67,7 +68,7 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path):
     save(tmp_path / "ckpt", model, step=4)
     os.replace(tmp_path / "ckpt", tmp_path / "ckpt.old")  # the state right after the first rename
     assert ckpt.find_checkpoint(tmp_path) == tmp_path / "ckpt.old"
-    assert weights_equal(model, ckpt.load_for_inference(tmp_path)[0])
+    assert weights_equal(model, load_for_inference(tmp_path)[0])
     save(tmp_path / "ckpt", make(1), step=5)
     assert ckpt.find_checkpoint(tmp_path) == tmp_path / "ckpt" and not (tmp_path / "ckpt.old").exists()
 
@@ -81,7 +82,7 @@ def test_refuses_what_is_not_a_checkpoint(tmp_path):
     where = save(tmp_path / "ckpt", make())
     (where / "config.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="not a tlama-mini checkpoint config"):
-        ckpt.load_for_inference(where)
+        load_for_inference(where)
 
 
 class Evil:

@@ -1,6 +1,7 @@
 """`train --init-from`: LoRA fine-tuning keeps the base bit-identical, writes adapters that rebuild the
 merged model, resumes exactly, and refuses data, options and checkpoints that do not fit."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from tlama_mini import checkpoint as ckpt
 from tlama_mini.cli import main
 from tlama_mini.finetune import load_adapters
 from tlama_mini.paths import find_data_file
+from tlama_mini.sample import load_for_inference
 from tlama_mini.trainer import Reporter, Trainer, train_config
 
 LORA = ("--lora-rank", "4")
@@ -80,11 +82,15 @@ def test_lora_trains_only_the_adapters_and_reports_the_counts(lora_run, base):
 
 
 def test_merged_checkpoint_equals_base_plus_adapters(lora_run, base, capsys):
-    merged, tok, meta = ckpt.load_for_inference(lora_run)  # a run folder: its merged/ checkpoint
+    merged, tok, meta = load_for_inference(lora_run)  # a run folder: its merged/ checkpoint
     assert ckpt.find_checkpoint(lora_run).name == "merged" and meta["train"]["merged_lora"]["rank"] == 4
-    wrapped, _, _ = ckpt.load_for_inference(lora_run / "ckpt")  # base + adapters, merged on load
-    rebuilt = load_adapters(ckpt.load_for_inference(base)[0], lora_run / "adapters").eval()
-    untouched = ckpt.load_for_inference(base)[0]
+    assert "lora" not in meta  # the merged model is a plain one
+    wrapped, _, wrapped_meta = load_for_inference(lora_run / "ckpt")  # base + adapters, merged on load
+    # with the resolved settings the run wrote: loading applies no fine-tuning policy (alpha's default)
+    adapter_config = json.loads((lora_run / "adapters" / "adapter_config.json").read_text())
+    assert wrapped_meta["lora"] == {k: adapter_config[k] for k in ("targets", "rank", "alpha")}
+    rebuilt = load_adapters(load_for_inference(base)[0], lora_run / "adapters").eval()
+    untouched = load_for_inference(base)[0]
     x = torch.randint(0, merged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = logits(rebuilt, x)
     torch.testing.assert_close(logits(merged, x), ref, rtol=1e-5, atol=1e-5)
@@ -167,6 +173,19 @@ def test_other_refusals(texts, base, lora_run, tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(finetune(texts, base, lora_run, "--lora-rank", "8", "--max-steps", "12", "--resume")) == 2
     assert "is another fine-tune (lora_rank: checkpoint 4, now 8)" in capsys.readouterr().err
-    shape = {**ckpt.load_for_inference(lora_run)[0].config.to_dict(), "d_model": 32}
+    shape = {**load_for_inference(lora_run)[0].config.to_dict(), "d_model": 32}
     with pytest.raises(ValueError, match="trained for another model: d_model"):
         load_adapters(Transformer(TlamaConfig.from_dict(shape)), lora_run / "adapters")
+
+
+def test_a_lora_training_checkpoint_without_its_resolved_settings_still_loads(lora_run, tmp_path):
+    old = tmp_path / "ckpt"  # as a run written before the settings were saved in its config
+    shutil.copytree(lora_run / "ckpt", old)
+    meta = json.loads((old / "config.json").read_text())
+    saved = meta.pop("lora")
+    (old / "config.json").write_text(json.dumps(meta))
+    assert meta["train"]["lora_rank"] == saved["rank"] and tuple(meta["train"]["lora_targets"]) == tuple(saved["targets"])
+    x = torch.randint(0, meta["model"]["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    want = load_for_inference(lora_run / "ckpt")[0](x, kv_cache=False)[0]
+    got = load_for_inference(old)[0](x, kv_cache=False)[0]  # settings from the train section, alpha by the one rule
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from tlama_mini import TlamaConfig, Transformer
 from tlama_mini import checkpoint as ckpt
 from tlama_mini.finetune import load_adapters, lora_settings
+from tlama_mini.sample import load_for_inference
 from tlama_mini.lora import (LoRA, LoRALinear, apply_lora, lora_delta, lora_delta_weight, lora_parameters,
                              merge_lora, resolve_alpha)
 
@@ -167,8 +168,8 @@ def test_a_run_written_before_the_unification_still_loads():
     x = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     want = expected(x, kv_cache=False)[0]
     assert (want - base(x, kv_cache=False)[0]).abs().max() > 1e-3, "the adapters change the outputs"
-    from_ckpt = ckpt.load_for_inference(FIXTURE / "ckpt")[0]
-    from_merged = ckpt.load_for_inference(FIXTURE)[0]  # the run folder: its merged/ checkpoint
+    from_ckpt = load_for_inference(FIXTURE / "ckpt")[0]
+    from_merged = load_for_inference(FIXTURE)[0]  # the run folder: its merged/ checkpoint
     from_adapters = load_adapters(base, FIXTURE / "adapters").eval()
     for model in (from_ckpt, from_merged, from_adapters):
         torch.testing.assert_close(model(x, kv_cache=False)[0], want, **TOL)

@@ -13,6 +13,7 @@ from tlama_mini import chat_tasks as C
 from tlama_mini import checkpoint as ckpt
 from tlama_mini import sft
 from tlama_mini.cli import main
+from tlama_mini.sample import load_for_inference
 
 
 def write_jsonl(path, rows):
@@ -57,7 +58,7 @@ def test_sft_trains_on_the_assistant_tokens_only(setup, sft_run):
     assert rows[-1]["val_loss"] < summary["base_val_loss"]
     # the reported validation loss is the masked loss, recomputed here directly
     corpus = sft.load_chat_corpus(data, "sft", tok, 128)
-    model, _, _ = ckpt.load_for_inference(sft_run)
+    model, _, _ = load_for_inference(sft_run)
     total, count = 0.0, 0
     for ids, mask in corpus.val:
         logp = model(torch.tensor([ids[:-1]]))[0][0].double().log_softmax(-1)
@@ -85,8 +86,8 @@ def test_sft_resume_is_exact(setup, tmp_path):
     assert main(["train", "--resume", "--out", str(tmp_path / "b"), "--max-steps", "6", "--quiet", "--dtype", "float32",
                  "--batch-size", "4", "--eval-interval", "4", "--eval-batches", "2", "--seed", "3", "--seq-len", "128",
                  "--warmup-steps", "2", "--lr", "3e-3", "--ckpt-interval", "3"]) == 0  # --sft from the saved run
-    a, _, _ = ckpt.load_for_inference(tmp_path / "a")
-    b, _, _ = ckpt.load_for_inference(tmp_path / "b")
+    a, _, _ = load_for_inference(tmp_path / "a")
+    b, _, _ = load_for_inference(tmp_path / "b")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
 
@@ -101,7 +102,7 @@ def test_dpo_starts_at_log2_falls_and_writes_a_chat_model(setup, sft_run, capsys
     rows = metrics(out)
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] < math.log(2) - 0.01  # the margin grows
     assert (out / "adapters" / "adapters.safetensors").is_file()
-    model, t2, _ = ckpt.load_for_inference(out)  # OUT/merged, with the chat template
+    model, t2, _ = load_for_inference(out)  # OUT/merged, with the chat template
     assert t2.chat_template == tok.chat_template
     capsys.readouterr()
     assert main(["chat", "--ckpt", str(out), "-p", C.make_examples(1, "held_out")[0].question,
@@ -145,7 +146,7 @@ def test_refusals(setup, tmp_path, capsys):
 def test_gguf_to_checkpoint_keeps_model_and_template(smollm2_path, smollm2, tmp_path):
     model, tok = smollm2
     folder = sft.gguf_to_checkpoint(smollm2_path, tmp_path / "base")
-    back, t2, _ = ckpt.load_for_inference(folder)
+    back, t2, _ = load_for_inference(folder)
     assert t2.chat_template == tok.chat_template and t2.eos_token_id == tok.eos_token_id
     x = torch.tensor([D.render_conversation(t2, [{"role": "user", "content": "Hi"},
                                                  {"role": "assistant", "content": "Hello!"}])[0]])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TlamaConfig
+from .flash import flash_attention
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .norm import RMSNorm, rms_normalize
@@ -83,9 +84,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             raise ValueError(f"the {backend} backend supports causal or unmasked attention without dropout; "
                              "use backend='sdpa' for explicit masks")
         if backend == "triton":
-            from .triton_flash import triton_flash_attention  # needs the optional triton package
+            from .triton_flash import triton_flash_attention  # lazy: triton is optional (absent on macOS, Windows)
             return triton_flash_attention(q, k, v, causal=is_causal)
-        from .flash import flash_attention  # imported lazily: flash.py builds on this module
         return flash_attention(q, k, v, causal=is_causal, block_size=flash_block_size)
     if backend not in ("naive", "sdpa"):
         raise ValueError(f"unknown attention backend {backend!r}; use 'sdpa', 'naive', 'flash' or 'triton'")

@@ -1,45 +1,19 @@
-"""Chat templates: a conversation (a list of {"role", "content"} messages) rendered as the one string
-the model was fine-tuned on, with the template that ships in the model file (a Jinja2 program).
-
-SmolLM2's template is ChatML: each message is `<|im_start|>{role}\\n{content}<|im_end|>\\n`, a default
-system message comes first when the conversation has none, and `add_generation_prompt` ends the text
-with `<|im_start|>assistant\\n`, where the model's reply begins. The reply ends with `<|im_end|>`.
-
-Rendered as transformers' `apply_chat_template` renders it (a sandboxed Jinja2 environment with
-trim_blocks and lstrip_blocks, `raise_exception` available to the template), and tested equal to it.
+"""`python -m tlama_mini chat`: a conversation with a chat model (a GGUF file, or a fine-tuned run's
+checkpoint), its replies streamed token by token. The template that renders the conversation is in
+`chat_template.py` (its names are importable from here too).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-# SmolLM2-135M-Instruct's template, as its GGUF file stores it (tokenizer.chat_template); kept here so
-# lesson 15's checks can render it without the model file (tests/test_gguf.py checks it is the file's).
-SMOLLM2_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+import torch
 
-
-def render_chat_template(template: str, messages: Sequence[dict[str, str]], *,
-                         add_generation_prompt: bool = True, **variables: Any) -> str:
-    """messages -> the prompt text. `variables` (e.g. bos_token) are visible to the template."""
-    if not template:
-        raise ValueError("this tokenizer has no chat template (the model file has no tokenizer.chat_template)")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or not {"role", "content"} <= set(m):
-            raise ValueError(f"message {k} must be a dict with 'role' and 'content', got {m!r}")
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                            **variables)
+from .chat_template import SMOLLM2_CHAT_TEMPLATE as SMOLLM2_CHAT_TEMPLATE  # re-exported: the old import path
+from .chat_template import render_chat_template as render_chat_template
+from .gguf import load_gguf
+from .sample import generate_stream, load_for_inference
 
 
 # --- `python -m tlama_mini chat` ---------------------------------------------------------------
@@ -64,9 +38,6 @@ def stream_reply(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]],
                  write: Any = None) -> str:
     """Generate the assistant's reply to `messages`, calling write(text) as text appears; returns it.
     Stops at the tokenizer's end-of-turn token (<|im_end|> for SmolLM2), which is not part of the reply."""
-    import torch
-
-    from .sample import generate_stream
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = tokenizer.encode(prompt, allowed_special="all")
     room = model.config.max_seq_len - len(ids)
@@ -93,17 +64,12 @@ def stream_reply(model: Any, tokenizer: Any, messages: Sequence[dict[str, str]],
 
 
 def cmd_chat(args: Any) -> int:
-    import sys
-
-    from .gguf import load_gguf
-
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     try:
         if args.ckpt is not None:  # a fine-tuned run (train --sft / --dpo)
-            from .checkpoint import load_for_inference
             model, tokenizer, _ = load_for_inference(args.ckpt)
             if not getattr(tokenizer, "chat_template", None):
                 raise ValueError(f"{args.ckpt}'s tokenizer has no chat template (not a chat model)")

@@ -16,6 +16,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from .chat_template import SMOLLM2_CHAT_TEMPLATE, render_chat_template
+from .tokenizer import BPETokenizer
+
 WORDS = tuple("""
 apple banana cherry orange lemon grape melon peach pear plum berry strawberry raspberry blueberry mango
 papaya coconut avocado tomato potato carrot pepper onion garlic ginger celery lettuce cabbage spinach
@@ -129,8 +132,6 @@ def dpo_records(n: int, seed: int = 0) -> list[dict[str, Any]]:
 def small_chat_tokenizer(vocab_size: int = 400, seed: int = 0) -> Any:
     """A small byte-level BPE with ChatML's special tokens and SmolLM2's chat template, trained on this
     task's conversations: what a tiny model trained from scratch (tests, lesson 16) chats with."""
-    from .chat import SMOLLM2_CHAT_TEMPLATE, render_chat_template
-    from .tokenizer import BPETokenizer
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     text = "".join(render_chat_template(SMOLLM2_CHAT_TEMPLATE, messages(e), add_generation_prompt=False)
                    for e in make_examples(300, "train", seed) + make_examples(100, "held_out", seed))

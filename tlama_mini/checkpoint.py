@@ -7,7 +7,9 @@
                                 code is refused)
     OUT/ckpt/tokenizer.json     the tokenizer, so sampling needs nothing but this folder
 
-A LoRA fine-tune also writes OUT/adapters/ and OUT/merged/ (see finetune.py).
+A LoRA fine-tune also writes OUT/adapters/ and OUT/merged/ (see finetune.py). This module is the folder
+format only (torch, safetensors and the standard library); `sample.load_for_inference` builds a model
+ready to generate from such a folder.
 
 Atomic replacement: everything is written (and fsync'ed) into OUT/ckpt.tmp; then the old folder is
 renamed to OUT/ckpt.old, the new one to OUT/ckpt, and the old one is deleted. A rename is atomic, so
@@ -25,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 FORMAT = "tlama-mini-checkpoint"
@@ -70,8 +74,6 @@ def save_checkpoint(ckpt_dir: str | Path, model: nn.Module, state: dict[str, Any
                     tokenizer: Any = None) -> Path:
     """Write a checkpoint atomically to `ckpt_dir` (e.g. OUT/ckpt). `model` is the bare module (not
     DDP- or compile-wrapped); `state` holds tensors and plain containers; `config` is JSON-able."""
-    from safetensors.torch import save_file
-
     def fill(tmp: Path) -> None:
         meta = {"format": FORMAT, "version": VERSION, **config}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -183,8 +185,6 @@ def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, ckpt_dir: str | Path, device: str | torch.device = "cpu") -> None:
     """Load model.safetensors into `model` (strict: every tensor present, shapes equal; a tied matrix
     stored once under either of its names)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     path = Path(ckpt_dir) / "model.safetensors"
     try:
         tensors = load_file(str(path), device=str(device))
@@ -210,24 +210,3 @@ def load_state(ckpt_dir: str | Path, map_location: str | torch.device = "cpu") -
                          f"containers, which a checkpoint never does (it may be tampered with). ({err})") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise ValueError(f"{path} is not a readable checkpoint state ({err})") from None
-
-
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, config dict) from a checkpoint or run folder."""
-    from .config import TlamaConfig
-    from .model import Transformer
-    from .tokenizer import load_tokenizer
-    ckpt = find_checkpoint(path)
-    meta = read_config(ckpt)
-    model = Transformer(TlamaConfig.from_dict(meta["model"]))
-    if meta.get("train", {}).get("lora_rank"):  # a LoRA run's training checkpoint: base + adapters, merged here
-        from .finetune import lora_settings
-        from .lora import apply_lora, merge_lora
-        targets, rank, alpha = lora_settings(meta["train"])
-        load_weights(apply_lora(model, targets, rank, alpha), ckpt, device)
-        merge_lora(model)
-    else:
-        load_weights(model, ckpt, device)
-    tok_path = ckpt / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
-    return model.to(device).eval(), tokenizer, meta

@@ -23,8 +23,14 @@ from typing import Any
 
 import torch
 
+from .chat import add_chat_parser, cmd_chat
 from .config import PRESETS, TlamaConfig
-from .trainer import Reporter, Trainer
+from .device import get_device
+from .finetune import finetune_defaults, parameter_counts
+from .report import TqdmReporter, plot_metrics
+from .sample import generate_text, load_for_inference
+from .sft import gguf_to_checkpoint, reply_to
+from .trainer import Trainer
 from .training import TRAIN_PRESETS, TrainConfig, train_config
 
 DEFAULT_SECONDS = 300.0
@@ -43,92 +49,6 @@ def seconds_since_launch() -> float:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return time.perf_counter() - _IMPORTED
-
-
-
-class TqdmReporter(Reporter):
-    """A progress bar (loss, tokens/s, time left) on a terminal; one line per evaluation otherwise."""
-
-    def __init__(self, cfg: TrainConfig, start_step: int, master: bool) -> None:
-        from tqdm.auto import tqdm
-        enabled = master and not cfg.quiet
-        self.tqdm, self.master, self.enabled, self.timed = tqdm, master, enabled, cfg.max_seconds is not None
-        total = cfg.max_seconds if self.timed else cfg.max_steps
-        fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{postfix}]" if self.timed else None  # time left: ours
-        self.bar = tqdm(total=total, initial=0 if self.timed else start_step, unit="s" if self.timed else "step",
-                        disable=None if enabled else True, dynamic_ncols=True, bar_format=fmt, file=sys.stderr)
-
-    def update(self, step, train_seconds, elapsed, loss, tokens_per_s, lr) -> None:
-        if self.bar.disable or (step % 5 and self.timed):
-            return
-        self.bar.n = min(elapsed, self.bar.total) if self.timed else step
-        speed = f"{tokens_per_s:,.0f} tok/s" if tokens_per_s else "- tok/s"
-        left = f", {self.bar.total - elapsed:.0f} s left" if self.timed else ""
-        self.bar.set_postfix_str(f"step {step}, loss {loss:.3f}, {speed}, lr {lr:.2e}{left}", refresh=True)
-
-    def evaluated(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        train = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "-"
-        tag = "final (whole val split)" if row.get("final") else "eval"
-        self.tqdm.write(f"{tag} step {row['step']}: train {train} val {row['val_loss']:.4f} "
-                        f"({row['tokens']:,} tokens, {row['elapsed_s']:.1f} s)", file=sys.stderr)
-
-    def message(self, text: str) -> None:
-        if self.master:
-            self.tqdm.write(text, file=sys.stderr)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def plot_metrics(out: Path) -> Path | None:
-    """OUT/loss.png from OUT/metrics.jsonl (train and validation loss against tokens seen)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: skipping the loss plot (pip install matplotlib)")
-        return None
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("train_loss", "train (mean since the last evaluation)"),
-                       ("val_loss", "validation (fixed batches)")):
-        pts = [(r["tokens"], r[key]) for r in rows if r.get(key) is not None and not r.get("final")]
-        if pts:
-            ax.plot(*zip(*pts), marker=".", label=label)
-    finals = [r for r in rows if r.get("final")]
-    if finals:
-        ax.scatter([finals[-1]["tokens"]], [finals[-1]["val_loss"]], color="black", zorder=3,
-                   label=f"whole val split: {finals[-1]['val_loss']:.3f}")
-    ax.set(xlabel="tokens seen", ylabel="loss (nats/token)", title=f"{out.name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=100)
-    plt.close(fig)
-    return out / "loss.png"
-
-
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, *, num_samples: int = 1,
-                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-                  seed: int | None = None) -> list[str]:
-    """Continue `prompt` num_samples times. Longer than the model's context: generate in windows,
-    each re-reading the last half context of text (the positions restart at 0, which RoPE allows)."""
-    from .sample import generate
-    device = next(model.parameters()).device
-    T = model.config.max_seq_len
-    ids = tokenizer.encode(prompt) or tokenizer.encode("\n")
-    x = torch.tensor([ids[-(T - 1):]] * num_samples, device=device)  # (B, t)
-    produced, window = 0, 0
-    while produced < max_new_tokens:
-        ctx = x if x.shape[1] <= T // 2 or produced == 0 else x[:, -(T // 2):]  # (B, t')
-        n = min(max_new_tokens - produced, T - ctx.shape[1])
-        new = generate(model, ctx, n, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=None if seed is None else seed + window)[:, ctx.shape[1]:]  # (B, n)
-        x, produced, window = torch.cat([x, new], dim=1), produced + n, window + 1
-    return [prompt + tokenizer.decode(row[len(ids[-(T - 1):]):].tolist()) for row in x]
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -235,7 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     m("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None, help="share token_emb and output")
     m("--set", action="append", default=[], metavar="NAME=VALUE", help="any other TlamaConfig field, e.g. --set qk_norm=true")
 
-    from .chat import add_chat_parser
     add_chat_parser(sub)  # `chat`: a real pretrained model from its GGUF file (tlama_mini/chat.py)
     s = sub.add_parser("sample", formatter_class=_Help,
                        help="generate text from a checkpoint", description="Generate text from a trained checkpoint.")
@@ -252,34 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finetune_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    """Defaults of a fine-tune: the saved run's fine-tune options (--resume), the base's preset,
-    tokenizer and context, and AdamW for LoRA adapters."""
-    from .finetune import base_defaults, saved_finetune
-    saved = saved_finetune(args.out) if args.resume else {}
-    init_from = args.init_from or saved.get("init_from")
-    if not init_from:
-        return {}
-    out = {**{k: v for k, v in saved.items() if v is not None}, **base_defaults(init_from), "init_from": init_from}
-    if args.lora_rank is not None or saved.get("lora_rank") is not None:
-        out["optimizer"] = "adamw"
-    return out
-
-
 def cmd_train(args: argparse.Namespace, started: float) -> int:
-    from .device import get_device
     if args.gguf:
         if args.init_from:
             print("error: give --gguf or --init-from, not both", file=sys.stderr)
             return 2
-        from .sft import gguf_to_checkpoint
         try:
             args.init_from = str(gguf_to_checkpoint(args.gguf, Path(args.out) / "base"))
         except (FileNotFoundError, ValueError) as err:
             print(f"error: --gguf: {err}", file=sys.stderr)
             return 2
     try:
-        base = _finetune_defaults(args)
+        base = finetune_defaults(args.init_from, args.out, args.resume, args.lora_rank)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: --init-from: {err}", file=sys.stderr)
         return 2
@@ -304,7 +207,6 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if trainer.master and not cfg.quiet and cfg.init_from:
-        from .finetune import parameter_counts
         trainable, total = parameter_counts(trainer.model)
         how = f"LoRA rank {cfg.lora_rank} on {', '.join(cfg.lora_targets)}" if cfg.lora_rank else "every weight"
         print(f"fine-tuning {cfg.init_from}: {trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%, "
@@ -318,14 +220,12 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
     if trainer.master and result["status"] != "diverged":
         summary = {k: v for k, v in result.items() if k != "history"}
         if cfg.init_from:
-            from .finetune import parameter_counts
             summary.update(zip(("trainable_params", "total_params"), parameter_counts(trainer.model)),
                            base_val_loss=trainer.base_val_loss)
         (trainer.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         t0 = time.perf_counter()
         plot = plot_metrics(trainer.out)
         if cfg.sample_tokens > 0 and not cfg.quiet and trainer.chat:  # a reply to the first validation prompt
-            from .sft import reply_to
             prompt = trainer.corpus.first_prompt
             reply = reply_to(trainer.model.eval(), trainer.corpus.tokenizer, prompt, min(cfg.sample_tokens, 64))
             text = trainer.corpus.tokenizer.decode(prompt) + reply
@@ -346,8 +246,6 @@ def cmd_train(args: argparse.Namespace, started: float) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .checkpoint import load_for_inference
-    from .device import get_device
     try:
         model, tokenizer, _ = load_for_inference(args.ckpt, get_device(args.device))
     except (FileNotFoundError, ValueError) as err:
@@ -369,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "chat":
-            from .chat import cmd_chat
             return cmd_chat(args)
         return cmd_train(args, started) if args.command == "train" else cmd_sample(args)
     except KeyboardInterrupt:  # outside the training loop (which saves and exits cleanly by itself)

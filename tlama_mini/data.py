@@ -26,6 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .paths import find_data_file, user_cache_dir
+from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
 # Named corpora: name -> path relative to the data folder (see paths.KNOWN_FILES).
 CORPORA = {"shakespeare": "tinyshakespeare/input.txt", "tinyshakespeare": "tinyshakespeare/input.txt"}
 VAL_FRACTION = 0.1
@@ -35,7 +38,6 @@ def load_text(data: str) -> tuple[str, str]:
     """Return (text, description) for a corpus name, a text file, or a folder of `*.txt` files
     (read recursively in sorted order and joined by blank lines)."""
     if data in CORPORA:
-        from .paths import find_data_file  # may download once; imported lazily
         path = find_data_file(CORPORA[data])
         return path.read_text(encoding="utf-8"), f"{data} ({path})"
     path = Path(data).expanduser()
@@ -58,7 +60,6 @@ def token_cache_dir() -> Path:
     """Where encoded corpora are kept: $TLAMA_TOKEN_CACHE, else <user cache>/tokens."""
     if env := os.environ.get("TLAMA_TOKEN_CACHE"):
         return Path(env)
-    from .paths import user_cache_dir
     return user_cache_dir() / "tokens"
 
 
@@ -72,7 +73,6 @@ def _save_atomic(path: Path, write) -> None:
 
 def build_tokenizer(kind: str, text: str, text_sha: str, *, bpe_vocab_size: int = 512):
     """'char' (the characters of `text`), 'bpe' (trained on `text`, cached) or 'gpt2'."""
-    from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
     if kind == "char":
         return CharTokenizer.from_text(text)
     if kind == "gpt2":

@@ -27,13 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import checkpoint as ckpt
 from .config import TlamaConfig
 from .data import Corpus, encode_cached, load_text, sha256_text, split_ids
-from .lora import apply_lora, resolve_alpha
+from .lora import apply_lora, merge_lora, resolve_alpha
 from .model import Transformer
+from .sample import load_for_inference
+from .sft import add_reference_logps, load_chat_corpus
 
 ADAPTER_FORMAT = "tlama-mini-lora"
 LORA_TARGETS = ("Wq", "Wk", "Wv", "Wo", "w1", "w2", "w3", "output")  # the nn.Linear names of Transformer
@@ -79,6 +82,19 @@ def base_defaults(init_from: str | Path) -> dict[str, Any]:
             "seq_len": meta["model"]["max_seq_len"]}
 
 
+def finetune_defaults(init_from: str | None, out: str | Path, resume: bool, lora_rank: int | None) -> dict[str, Any]:
+    """TrainConfig defaults of a fine-tune ({} for a run from scratch): the saved run's fine-tune options
+    (resume), the base's preset, tokenizer and context, and AdamW for LoRA adapters (`check_config`)."""
+    saved = saved_finetune(out) if resume else {}
+    init_from = init_from or saved.get("init_from")
+    if not init_from:
+        return {}
+    defaults = {**{k: v for k, v in saved.items() if v is not None}, **base_defaults(init_from), "init_from": init_from}
+    if lora_rank is not None or saved.get("lora_rank") is not None:
+        defaults["optimizer"] = "adamw"
+    return defaults
+
+
 def saved_finetune(out: str | Path) -> dict[str, Any]:
     """The fine-tune fields of the run in `out` ({} when it holds no fine-tune), so `--resume` needs
     only --out."""
@@ -120,7 +136,7 @@ def build(cfg: Any, model_overrides: dict[str, Any], device: torch.device, resum
     if cfg.tokenizer != kind:
         raise ValueError(f"tokenizer {cfg.tokenizer!r} differs from the checkpoint's ({kind!r}): a fine-tune "
                          "uses its base's tokenizer; leave out --tokenizer")
-    base, tokenizer, _ = ckpt.load_for_inference(where)
+    base, tokenizer, _ = load_for_inference(where)
     if tokenizer is None or tokenizer.vocab_size != base.config.vocab_size:
         raise ValueError(f"{where} has no tokenizer.json matching its vocab_size ({base.config.vocab_size}): "
                          "fine-tune a checkpoint written by `python -m tlama_mini train`")
@@ -143,7 +159,6 @@ def build(cfg: Any, model_overrides: dict[str, Any], device: torch.device, resum
         torch.manual_seed(cfg.seed)  # the adapters' initial A
         apply_lora(model, targets, rank, alpha)
     if cfg.sft or cfg.dpo:  # conversations or preference pairs, rendered with the model's chat template
-        from .sft import add_reference_logps, load_chat_corpus
         corpus = load_chat_corpus(cfg.sft or cfg.dpo, "sft" if cfg.sft else "dpo", tokenizer, cfg.seq_len,
                                   assistant_only=cfg.assistant_only)
         if cfg.dpo:  # the reference is the starting model (LoRA's B = 0: the adapters change nothing yet)
@@ -165,8 +180,6 @@ def _sha256(path: Path) -> str:
 def save_adapters_and_merged(out: Path, model: nn.Module, tokenizer: Any, config: dict[str, Any]) -> None:
     """OUT/adapters/ and OUT/merged/ of a LoRA run (both written atomically); `config` is the run's
     checkpoint config (model, train, data, step)."""
-    from safetensors.torch import save_file
-    from .lora import merge_lora
     targets, rank, alpha = lora_settings(config["train"])
     base = ckpt.find_checkpoint(config["train"]["init_from"])
     adapter_config = {"format": ADAPTER_FORMAT, "rank": rank, "alpha": alpha, "targets": list(targets),
@@ -180,12 +193,12 @@ def save_adapters_and_merged(out: Path, model: nn.Module, tokenizer: Any, config
     ckpt.write_folder_atomically(out / "adapters", fill)
     merged = merge_lora(copy.deepcopy(model))
     train = {**config["train"], "lora_rank": None, "merged_lora": {"rank": rank, "alpha": alpha, "targets": list(targets)}}
-    ckpt.save_checkpoint(out / "merged", merged, {}, {**config, "train": train}, tokenizer)
+    plain = {k: v for k, v in config.items() if k != "lora"}  # merged: no adapters to apply when loading
+    ckpt.save_checkpoint(out / "merged", merged, {}, {**plain, "train": train}, tokenizer)
 
 
 def load_adapters(model: Transformer, folder: str | Path) -> Transformer:
     """Put the adapters of OUT/adapters on `model` (the base model they were trained on; in place)."""
-    from safetensors.torch import load_file
     folder = Path(folder)
     try:
         meta = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))

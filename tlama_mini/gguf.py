@@ -124,7 +124,7 @@ def read_gguf(path: str | Path) -> Any:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'")
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # lazy: llama.cpp's reader is an optional extra (requirements.txt, not pyproject)
     try:
         reader = GGUFReader(path)
     except Exception as err:  # the reader raises ValueError/IndexError/struct errors on cut headers

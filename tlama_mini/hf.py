@@ -5,7 +5,7 @@ model.safetensors, a sharded model.safetensors.index.json, or a pytorch_model.bi
 `weights_only=True`) for `LlamaForCausalLM`, `Qwen3ForCausalLM` (QK-norm) and `MixtralForCausalLM`
 (MoE); `save_hf_checkpoint(model, dir)` writes one that `AutoModelForCausalLM.from_pretrained` loads.
 Llama 4 (`Llama4ForCausalLM`, and `Llama4ForConditionalGeneration` with vision) has its own adapter,
-`hf_llama4.py`, which both functions hand over to.
+`hf_llama4.py`, which both functions hand over to; what both read with is in `hf_io.py`.
 
 Names (per layer `model.layers.{i}.` <-> `layers.{i}.`; see the glossary in `tlama_mini/__init__.py`):
     model.embed_tokens / model.norm / lm_head        token_emb / norm / output
@@ -26,13 +26,16 @@ Legend: H heads, K kv heads, D head_dim, C d_model, E experts, F ffn hidden size
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import RopeScaling, TlamaConfig
+from safetensors.torch import save_file
+
+from . import hf_llama4
+from .config import TlamaConfig
+from .hf_io import check_tensors_match, read_tensors, rope_from_hf
 from .model import Transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM")
@@ -81,22 +84,6 @@ def _architecture(hf: dict[str, Any]) -> str:
     return names[0]
 
 
-def _rope_from_hf(hf: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
-    """transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", default_theta)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("unsupported partial_rotary_factor != 1.0: tlama_mini rotates the whole head")
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope_type {kind!r}; tlama_mini supports 'default' and 'llama3'")
-    return theta, RopeScaling(factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
-                              high_freq_factor=float(params["high_freq_factor"]),
-                              original_max_seq_len=int(params["original_max_position_embeddings"]))
-
-
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
     """A `TlamaConfig` from a config.json dict; `overrides` (e.g. max_seq_len, max_batch_size) win."""
     arch = _architecture(hf)
@@ -113,7 +100,7 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
     d_model, n_heads = need("hidden_size"), need("num_attention_heads")
     head_dim = hf.get("head_dim")
     attn_head_dim = None if head_dim is None or (not d_model % n_heads and head_dim == d_model // n_heads) else head_dim
-    rope_theta, rope_scaling = _rope_from_hf(hf, theta)
+    rope_theta, rope_scaling = rope_from_hf(hf, theta)
     sliding = hf.get("sliding_window") if arch == "MixtralForCausalLM" else None
     if arch == "Qwen3ForCausalLM" and hf.get("use_sliding_window"):
         kinds = set(hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28)
@@ -240,58 +227,6 @@ def _from_hf_state_dict(tensors: dict[str, torch.Tensor], c: TlamaConfig) -> dic
     return sd
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory. Pickles are read with weights_only=True, so a file that
-    tries to run code while unpickling is refused instead of executed."""
-    from safetensors.torch import load_file
-
-    def read(file: Path) -> dict[str, torch.Tensor]:
-        if file.resolve().parent != path.resolve():  # an index must not point outside the directory
-            raise ValueError(f"checkpoint index points outside {path}: {file.name!r}")
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint shard {file} is missing")
-        if file.suffix == ".safetensors":
-            try:
-                return load_file(file)
-            except Exception as err:  # safetensors raises its own error type for a bad header
-                raise ValueError(f"{file} is not a readable safetensors file ({err}); is it truncated?") from err
-        try:
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"refused to load {file}: it is a pickle that contains more than tensors and might "
-                             "run code when loaded. Only load files you trust; prefer safetensors") from err
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-            raise ValueError(f"{file} is not a state dict (a dict of tensor names to tensors)")
-        return tensors
-
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if (path / single).is_file():
-            return read(path / single)
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in read(path / shard).items()}
-    found = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or "
-                            f"pytorch_model.bin; found {found}")
-
-
-def check_tensors_match(tensors: dict[str, torch.Tensor], to_hf: Any, config: TlamaConfig) -> None:
-    """Refuse, by name, a checkpoint whose tensors are not exactly those `to_hf(Transformer(config))` would
-    write, with the same shapes (the config and the weights of different models)."""
-    with torch.device("meta"):  # the expected names and shapes, without allocating memory
-        expected = {k: v.shape for k, v in to_hf(Transformer(config)).items()}
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint tensors do not match config.json: missing {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)}), unexpected {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    for name, shape in expected.items():
-        if tensors[name].shape != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(tensors[name].shape)}, but config.json implies "
-                             f"{tuple(shape)}; the config and the weights belong to different models")
-
-
 def load_hf_checkpoint(path: str | Path, **overrides: Any) -> Transformer:
     """A `Transformer` with the weights of a Hugging Face checkpoint directory (in float32).
     `overrides` change config fields HF does not store, e.g. `max_batch_size=1, max_seq_len=4096`
@@ -302,11 +237,10 @@ def load_hf_checkpoint(path: str | Path, **overrides: Any) -> Transformer:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; save it with save_pretrained or save_hf_checkpoint")
     hf = json.loads((path / "config.json").read_text())
-    from . import hf_llama4
     if hf_llama4.is_llama4(hf):
         return hf_llama4.load_llama4_checkpoint(path, hf, **overrides)
     config = config_from_hf(hf, **overrides)
-    tensors = _unfuse_experts(_read_tensors(path))
+    tensors = _unfuse_experts(read_tensors(path))
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}  # old HF buffers
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)  # HF ignores a stored head when tied; so do we
@@ -320,9 +254,6 @@ def save_hf_checkpoint(model: Transformer, path: str | Path, architecture: str |
     """Write config.json and model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained`
     loads: Llama for a dense model, Qwen3 with qk_norm, Mixtral for MoE, Llama 4 for Llama 4's features
     (`hf_llama4.py`; with vision, Llama4ForConditionalGeneration). Returns the directory."""
-    from safetensors.torch import save_file
-
-    from . import hf_llama4
     if hf_llama4.wants_llama4(model.config) or architecture in hf_llama4.ARCHITECTURES:
         arch = "Llama4ForConditionalGeneration" if model.config.vision is not None else "Llama4ForCausalLM"
         if architecture is not None and architecture != arch:

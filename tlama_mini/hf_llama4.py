@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .config import TlamaConfig, VisionConfig
+from .hf_io import check_tensors_match, read_tensors, rope_from_hf
+from .model import Transformer
 
 ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 _MODEL_TYPES = {"llama4_text": "Llama4ForCausalLM", "llama4": "Llama4ForConditionalGeneration"}
@@ -85,8 +88,6 @@ def _interval(layers: list[int], n_layers: int, what: str, field: str) -> int | 
 
 def text_config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
     """A `TlamaConfig` from a Llama4TextConfig dict (config.json, or its `text_config`)."""
-    from .hf import _rope_from_hf
-
     def need(key: str) -> Any:
         if hf.get(key) is None:
             raise ValueError(f"config.json of a Llama 4 model has no {key!r}")
@@ -110,7 +111,7 @@ def text_config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
         raise ValueError(f"unsupported layer_types {hf['layer_types']} in config.json: tlama_mini uses chunked "
                          f"attention on every RoPE layer and global attention on NoPE layers ({expected_types})")
     head_dim = hf.get("head_dim") or d_model // n_heads
-    rope_theta, rope_scaling = _rope_from_hf(hf, 500000.0)
+    rope_theta, rope_scaling = rope_from_hf(hf, 500000.0)
     temperature = hf.get("attn_temperature_tuning", True) and nope_interval is not None
     fields = dict(vocab_size=need("vocab_size"), d_model=d_model, n_layers=n_layers, n_heads=n_heads,
                   n_kv_heads=hf.get("num_key_value_heads") or n_heads,
@@ -133,8 +134,6 @@ def text_config_from_hf(hf: dict[str, Any], **overrides: Any) -> TlamaConfig:
 
 def vision_config_from_hf(v: dict[str, Any]) -> VisionConfig:
     """A `VisionConfig` from a Llama4VisionConfig dict, refusing what Llama 4's code would break on."""
-    from .hf import _rope_from_hf
-
     size, patch = v.get("image_size", 448), v.get("patch_size", 14)
     if not isinstance(size, int) or not isinstance(patch, int):
         raise ValueError(f"unsupported non-square image_size {size!r} / patch_size {patch!r} in config.json")
@@ -149,7 +148,7 @@ def vision_config_from_hf(v: dict[str, Any]) -> VisionConfig:
         raise ValueError(f"inconsistent vision config: the adapter needs intermediate_size ({inter}) = hidden_size / "
                          f"pixel_shuffle_ratio**2 ({d / ratio ** 2:g}) and projector_input_dim ({proj_in}) = "
                          f"projector_output_dim ({proj_out}) = vision_output_dim ({out_dim})")
-    theta, scaling = _rope_from_hf(v, 10000.0)
+    theta, scaling = rope_from_hf(v, 10000.0)
     if scaling is not None:
         raise ValueError("unsupported rope scaling in the vision config")
     return VisionConfig(image_size=size, patch_size=patch, n_channels=v.get("num_channels", 3), d_model=d,
@@ -287,11 +286,8 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], c: TlamaConfig) -> dict
 
 def load_llama4_checkpoint(path: Path, hf: dict[str, Any], **overrides: Any) -> torch.nn.Module:
     """A `Transformer` from a Llama 4 checkpoint directory; see `hf.load_hf_checkpoint`."""
-    from .hf import _read_tensors, check_tensors_match
-    from .model import Transformer
-
     config = config_from_hf(hf, **overrides)
-    tensors = {k: v for k, v in _read_tensors(path).items() if not k.endswith("rotary_embedding.freqs_ci")}
+    tensors = {k: v for k, v in read_tensors(path).items() if not k.endswith("rotary_embedding.freqs_ci")}
     prefix = "language_model." if config.vision is not None else ""
     if config.tie_embeddings:
         tensors.pop(f"{prefix}lm_head.weight", None)
@@ -303,8 +299,6 @@ def load_llama4_checkpoint(path: Path, hf: dict[str, Any], **overrides: Any) -> 
 
 def save_llama4_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     """config.json and model.safetensors that transformers loads as Llama 4."""
-    from safetensors.torch import save_file
-
     hf = config_to_hf(model.config, model.token_emb.weight.dtype)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in to_hf_state_dict(model).items()}
     path.mkdir(parents=True, exist_ok=True)

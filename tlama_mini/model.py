@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
+from .blockwise import blockwise_ffn, blockwise_lm_head_loss
 from .config import TlamaConfig
 from .ffn import FeedForward
 from .masks import build_mask
 from .moe import MoE
+from .muon import Muon, muon_param_groups
 from .norm import RMSNorm
 from .rope import compute_freqs_cis
 from .vision import VisionEncoder, merge_image_features
@@ -54,7 +56,6 @@ class TransformerBlock(nn.Module):
         """(B, T, C) -> (output (B, T, C), the MoE's load-balancing loss or None for a dense FFN)."""
         chunk = self.config.blockwise_chunk_size
         if chunk is not None and self.training:
-            from .blockwise import blockwise_ffn
             out = blockwise_ffn(self.ffn, x, chunk)
         else:
             out = self.ffn(x)
@@ -226,7 +227,6 @@ class Transformer(nn.Module):
         if c.image_token_id is not None:  # an image token is input, never something to predict
             targets = targets.masked_fill(targets == c.image_token_id, -100)
         if c.blockwise_chunk_size is not None and self.training:
-            from .blockwise import blockwise_lm_head_loss
             logits, loss = None, blockwise_lm_head_loss(h, self.output.weight, targets, c.blockwise_chunk_size)
         else:
             logits = self.output(h)  # (B, T, V)
@@ -265,7 +265,6 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown optimizer {optimizer!r}; use 'adamw' or 'muon'")
         params = [p for p in self.parameters() if p.requires_grad]
         if optimizer == "muon":
-            from .muon import Muon, muon_param_groups
             groups = muon_param_groups(self, weight_decay, muon_lr_ratio)
             if master_process:
                 print(f"optimizer: Muon for {len(groups[0]['params'])} block matrices "

@@ -4,15 +4,24 @@ step feeds only the newest token at its position (`start_pos`) and reads the pas
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, optionally keep only
 the top_k most likely tokens and/or the smallest set whose probability reaches top_p (nucleus
 sampling, Holtzman et al. 2019), then draw from the softmax with a seedable generator.
+
+From a training run: `load_for_inference(run folder)` builds the model and tokenizer, `generate_text`
+continues a prompt as text, past the model's context if asked (`python -m tlama_mini sample` runs both).
 Legend: B batch, T prompt length, V vocab_size.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .checkpoint import find_checkpoint, load_weights, read_config
+from .config import TlamaConfig
+from .lora import apply_lora, merge_lora, resolve_alpha
 from .model import Transformer
+from .tokenizer import load_tokenizer
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -115,3 +124,44 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *, t
     if not new:
         return tokens
     return torch.cat([tokens, torch.stack(new, dim=1)], dim=1)
+
+
+# --- from a training run ------------------------------------------------------------------------
+def generate_text(model: Transformer, tokenizer: Any, prompt: str, max_new_tokens: int, *, num_samples: int = 1,
+                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None) -> list[str]:
+    """Continue `prompt` num_samples times. Longer than the model's context: generate in windows,
+    each re-reading the last half context of text (the positions restart at 0, which RoPE allows)."""
+    device = next(model.parameters()).device
+    T = model.config.max_seq_len
+    ids = tokenizer.encode(prompt) or tokenizer.encode("\n")
+    x = torch.tensor([ids[-(T - 1):]] * num_samples, device=device)  # (B, t)
+    produced, window = 0, 0
+    while produced < max_new_tokens:
+        ctx = x if x.shape[1] <= T // 2 or produced == 0 else x[:, -(T // 2):]  # (B, t')
+        n = min(max_new_tokens - produced, T - ctx.shape[1])
+        new = generate(model, ctx, n, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=None if seed is None else seed + window)[:, ctx.shape[1]:]  # (B, n)
+        x, produced, window = torch.cat([x, new], dim=1), produced + n, window + 1
+    return [prompt + tokenizer.decode(row[len(ids[-(T - 1):]):].tolist()) for row in x]
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Any, dict]:
+    """(model in eval mode, tokenizer or None, config dict) from a checkpoint or run folder. The training
+    checkpoint of a LoRA run holds the base weights and the adapters: they are merged here, with the
+    resolved settings (targets, rank, alpha) that the run wrote into its config under "lora"."""
+    ckpt = find_checkpoint(path)
+    meta = read_config(ckpt)
+    model = Transformer(TlamaConfig.from_dict(meta["model"]))
+    lora, train = meta.get("lora"), meta.get("train", {})
+    if lora is None and train.get("lora_rank"):  # a run written before the settings were saved resolved:
+        rank = train["lora_rank"]                # its train section and lora.py's one alpha rule say them
+        lora = {"targets": train["lora_targets"], "rank": rank, "alpha": resolve_alpha(rank, train.get("lora_alpha"))}
+    if lora:  # base + adapters, merged here
+        load_weights(apply_lora(model, tuple(lora["targets"]), lora["rank"], lora["alpha"]), ckpt, device)
+        merge_lora(model)
+    else:
+        load_weights(model, ckpt, device)
+    tok_path = ckpt / "tokenizer.json"
+    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
+    return model.to(device).eval(), tokenizer, meta

@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 
+from . import checkpoint as ckpt
 from .chat_data import collate, pad_id_of, render_conversation
-from .dpo import pair_batch, pair_examples, policy_logps
+from .dpo import dpo_loss, pair_batch, pair_examples, policy_logps
+from .gguf import load_gguf
+from .sample import generate_stream
 
 VAL_FRACTION = 0.1
 ROLES = ("system", "user", "assistant", "tool")
@@ -206,7 +209,6 @@ class ChatSampler:
 def chat_loss(model: Any, batch: tuple[torch.Tensor, ...], beta: float) -> torch.Tensor:
     """The loss of one batch: SFT (x, y): the masked next-token cross-entropy; DPO (x, y, ref_c, ref_r):
     `dpo.dpo_loss` of the policy's log-probabilities against the stored reference's."""
-    from .dpo import dpo_loss
     if len(batch) == 2:
         return model(batch[0], targets=batch[1])[1]
     x, y, ref_c, ref_r = batch
@@ -222,8 +224,6 @@ def batch_weight(batch: tuple[torch.Tensor, ...]) -> int:
 def gguf_to_checkpoint(path: str | Path, folder: str | Path) -> Path:
     """Write a GGUF chat model (weights dequantized to float32, its tokenizer with the chat template) as
     a tlama-mini checkpoint in `folder`, once: what `train --gguf PATH` fine-tunes (as --init-from)."""
-    from . import checkpoint as ckpt
-    from .gguf import load_gguf
     path, folder = Path(path).expanduser(), Path(folder)
     source = {"gguf": str(path.resolve()), "size": path.stat().st_size}
     try:
@@ -241,7 +241,6 @@ def gguf_to_checkpoint(path: str | Path, folder: str | Path) -> Path:
 def reply_to(model: Any, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int = 64) -> str:
     """The greedy reply to an already rendered prompt (ending with the generation prompt), up to the
     end-of-turn token (not included)."""
-    from .sample import generate_stream
     device = model.token_emb.weight.device
     stop = getattr(tokenizer, "eos_token_id", None)
     room = min(max_new_tokens, model.config.max_seq_len - len(prompt_ids))

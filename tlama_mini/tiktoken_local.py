@@ -18,6 +18,8 @@ import functools
 import hashlib
 from typing import NamedTuple
 
+import tiktoken
+
 from .paths import KNOWN_FILES, find_data_file
 
 ENDOFTEXT, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, ENDOFPROMPT = (
@@ -66,8 +68,6 @@ def load_ranks(relative: str) -> dict[bytes, int]:
 def tiktoken_encoding(name: str):
     """`tiktoken.get_encoding(name)` without cache or network, for "gpt2", "r50k_base" and "cl100k_base".
     Returns a `tiktoken.Encoding` (built once per process)."""
-    import tiktoken  # imported here: the rest of tlama_mini does not need it
-
     if name not in ENCODINGS:
         raise ValueError(f"no packaged files for the tiktoken encoding {name!r}: choose one of {sorted(ENCODINGS)} "
                          f"(or use tiktoken.get_encoding({name!r}), which downloads its files)")

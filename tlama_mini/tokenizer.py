@@ -24,6 +24,7 @@ from typing import AbstractSet, Literal
 
 import regex  # like `re`, plus the Unicode classes \p{L} (letters) and \p{N} (numbers)
 
+from .chat_template import render_chat_template
 from .paths import find_data_file
 
 # GPT-2's pre-tokenizer (openai/gpt-2, src/encoder.py): common English contractions, an optional space
@@ -273,7 +274,6 @@ class BPETokenizer:
     def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """A conversation [{"role": "user", "content": "..."}, ...] -> the prompt text, rendered with
         this tokenizer's chat template exactly as transformers' `apply_chat_template` renders it."""
-        from .chat import render_chat_template
         names = {i: t for t, i in self.special_tokens.items()}
         return render_chat_template(self.chat_template or "", messages, add_generation_prompt=add_generation_prompt,
                                     bos_token=names.get(self.bos_token_id, ""), eos_token=names.get(self.eos_token_id, ""))

@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .config import TlamaConfig
 from .data import BatchSampler, Corpus, fixed_batches, full_split_batches, prepare_data
 from .device import autocast_dtype, get_device, init_distributed
-from .finetune import build, save_adapters_and_merged
+from .finetune import build, lora_settings, save_adapters_and_merged
 from .model import Transformer
 from .sft import ChatSampler, batch_weight, chat_loss
 from .training import (TRAIN_PRESETS, TrainConfig, evaluate, lm_loss, lr_at, set_lr, token_count, train_config,
@@ -116,9 +116,13 @@ class Trainer:
         self.eval_s_per_token = 0.0  # measured by _time_eval when there is a time budget
 
     def run_config(self) -> dict[str, Any]:
-        return {"model": self.model_config.to_dict(), "train": dataclasses.asdict(self.cfg),
-                "data": self.corpus.describe(), "world_size": self.world, "device": str(self.device),
-                "torch": torch.__version__}
+        config = {"model": self.model_config.to_dict(), "train": dataclasses.asdict(self.cfg),
+                  "data": self.corpus.describe(), "world_size": self.world, "device": str(self.device),
+                  "torch": torch.__version__}
+        if self.cfg.lora_rank is not None:  # resolved (alpha's default applied): loading needs no fine-tuning policy
+            targets, rank, alpha = lora_settings(self.cfg)
+            config["lora"] = {"targets": list(targets), "rank": rank, "alpha": alpha}
+        return config
 
     def save(self) -> None:
         """Checkpoint (a collective under DDP: every rank's RNG state is gathered; rank 0 writes)."""
@@ -224,7 +228,7 @@ class Trainer:
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         self.tokens_fed = 0  # the input tokens the steps really fed (chat batches: padded to their longest row)
-        prior, start_step, loop_start = self.train_seconds, self.step, time.perf_counter()
+        prior, loop_start = self.train_seconds, time.perf_counter()
         launch = self.started
         self._start_files()
         if cfg.max_seconds is not None:

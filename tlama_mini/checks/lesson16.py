@@ -8,7 +8,6 @@ Legend: B batch, T sequence length, V vocabulary size.
 from __future__ import annotations
 
 import functools
-import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..chat_data import IGNORE_INDEX, render_conversation
+from ..chat_tasks import make_examples, small_chat_tokenizer
 from ..dpo import dpo_loss as tlama_dpo_loss
 from ..dpo import sequence_logps as tlama_sequence_logps
 from .common import attributes_stubs, call, compare, fail, passed
@@ -28,13 +28,11 @@ __all__ = ["check_assistant_mask", "check_sequence_logp", "check_dpo_loss"]
 @functools.lru_cache(maxsize=1)
 def chat_tokenizer() -> Any:
     """The lesson's small ChatML tokenizer (SmolLM2's template), trained once per process."""
-    from ..chat_tasks import small_chat_tokenizer
     return small_chat_tokenizer()
 
 
 def _conversation(turns: int, system: bool) -> list[dict[str, str]]:
     """A letter-counting chat of `turns` question/answer rounds, with or without a system message."""
-    from ..chat_tasks import make_examples
     examples = make_examples(turns, random.choice(["train", "held_out"]), seed=random.randrange(10**6))
     msgs = [{"role": "system", "content": random.choice(["You count letters.", "Be brief.", "Spell, then count."])}
             ] if system else []
