@@ -211,3 +211,15 @@ def test_eos_token_id_is_saved_and_loaded_with_a_checkpoint(model, tmp_path):
     ckpt.save_checkpoint(tmp_path / "ckpt", m, {}, {"model": m.config.to_dict(), "step": 0})
     loaded, _, _ = ckpt.load_for_inference(tmp_path)
     assert loaded.config.eos_token_id == (5, 9) and loaded.config == m.config
+
+
+def test_a_model_trains_after_generating():
+    """generate runs under torch.inference_mode: what the model caches during it (RoPE angles) must still
+    serve a training step, which saves tensors for backward."""
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=40))
+    assert not m._freq_cis  # nothing cached yet: generate builds it
+    generate(m, torch.randint(0, 256, (1, 4)), 3, temperature=0)
+    m.train()
+    x = torch.randint(0, 256, (2, 8))
+    m(x, targets=x)[1].backward()
+    assert m.layers[0].attention.Wq.weight.grad is not None

@@ -127,6 +127,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, *, num_sam
         new = generate(model, ctx, n, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=None if seed is None else seed + window)[:, ctx.shape[1]:]  # (B, n)
         x, produced, window = torch.cat([x, new], dim=1), produced + n, window + 1
+        if new.shape[1] < n:  # every row reached the model's end-of-text token (config.eos_token_id)
+            break
     return [prompt + tokenizer.decode(row[len(ids[-(T - 1):]):].tolist()) for row in x]
 
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .config import TlamaConfig
+from .fuse import fuse_projections
 from .model import Transformer
 from .paths import fetch_url, sha256_of, user_cache_dir
 from .quant import DEQUANTIZE_FORMATS, dequantize
@@ -265,6 +266,7 @@ def load_gguf(path: str | Path | None = None, dtype: torch.dtype = torch.float32
     model = model.to_empty(device=device)
     if tied:
         model.output.weight = model.token_emb.weight
+    fuse_projections(model)  # Wq/Wk/Wv and w1/w3 stored as one matrix each, transposed (fuse.py): faster decoding
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {n for n in params if not (tied and n == "output.weight")}
     loaded = set()
