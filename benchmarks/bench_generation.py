@@ -5,13 +5,15 @@ Hugging Face `transformers` `LlamaForCausalLM.generate` (cached) on a Llama of t
     python benchmarks/bench_generation.py --quick             # 16 new tokens (CI)
     python benchmarks/bench_generation.py --out benchmarks/generation.md
     python benchmarks/bench_generation.py --smollm2           # the real SmolLM2-135M-Instruct, fp32, beside transformers
+    python benchmarks/bench_generation.py --smollm2 --threads 1 --repeat 3   # interleaved, for a busy machine
 
 --smollm2 loads SmolLM2-135M-Instruct from its GGUF file (tlama_mini.gguf.load_gguf, and transformers'
 own GGUF loader for the baseline), dequantized to fp32, and generates greedily (batch 1, a 40-token
 prompt, 128 new tokens). Each implementation runs in a fresh subprocess, so each has its own peak
 memory: the process's peak RSS above its RSS after importing torch and tlama_mini (loading, the
 mapped file and the reader count). tokens/s is given for the first call (allocation included) and
-a second one.
+a second one, in wall-clock time and per CPU-second (process CPU time, steadier on a busy machine);
+--repeat N runs the two implementations N times, interleaved.
 
 All models have random weights (speed does not depend on them). The uncached run recomputes the
 whole sequence at every step, so its cost grows quadratically; it generates at most
@@ -112,7 +114,7 @@ def smollm2_one(impl: str, a: argparse.Namespace) -> None:
 
     def run():
         if impl == "tlama_mini":
-            out = generate(model, prompt, n, temperature=0)
+            out = generate(model, prompt, n, temperature=0, stop_token=None)  # exactly n tokens
         else:
             with torch.no_grad():
                 out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -120,41 +122,61 @@ def smollm2_one(impl: str, a: argparse.Namespace) -> None:
         assert out.shape[1] == prompt.shape[1] + n
         return out
 
+    c0 = time.process_time()
     first = _timed(run, torch.device("cpu"))
+    c1 = time.process_time()
     second = _timed(run, torch.device("cpu"))
+    c2 = time.process_time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     tokens = run()[0, prompt.shape[1]:prompt.shape[1] + 8].tolist()
     print(f"RESULT impl={impl} load_s={load_s:.2f} first_tps={n / first:.2f} second_tps={n / second:.2f} "
+          f"first_cpu_tps={n / (c1 - c0):.2f} second_cpu_tps={n / (c2 - c1):.2f} "
           f"peak_mb={peak - base:.0f} tokens={','.join(map(str, tokens))}", flush=True)
 
 
 def smollm2(a: argparse.Namespace) -> None:
+    import statistics
     import subprocess
     import sys
-    rows = {}
-    for impl in ("tlama_mini", "transformers"):
-        args = [sys.executable, __file__, "--smollm2-impl", impl, "--prompt-len", str(a.prompt_len),
-                "--new-tokens", str(a.new_tokens)] + (["--threads", str(a.threads)] if a.threads else [])
-        out = subprocess.run(args, capture_output=True, text=True, check=False)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
-        if line is None:
-            raise SystemExit(f"{impl} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-        rows[impl] = dict(kv.split("=") for kv in line.split()[1:])
-    if rows["tlama_mini"]["tokens"] != rows["transformers"]["tokens"]:
-        raise SystemExit(f"the greedy tokens differ: {rows}")
+    runs: list[dict[str, dict[str, str]]] = []
+    loads = [os.getloadavg()[0]]
+    for _ in range(a.repeat):  # interleaved: ours, theirs, ours, theirs ... so both see the same load
+        rows = {}
+        for impl in ("tlama_mini", "transformers"):
+            args = [sys.executable, __file__, "--smollm2-impl", impl, "--prompt-len", str(a.prompt_len),
+                    "--new-tokens", str(a.new_tokens)] + (["--threads", str(a.threads)] if a.threads else [])
+            out = subprocess.run(args, capture_output=True, text=True, check=False)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+            if line is None:
+                raise SystemExit(f"{impl} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+            rows[impl] = dict(kv.split("=") for kv in line.split()[1:])
+            loads.append(os.getloadavg()[0])
+        if rows["tlama_mini"]["tokens"] != rows["transformers"]["tokens"]:
+            raise SystemExit(f"the greedy tokens differ: {rows}")
+        runs.append(rows)
     weights_mb = 134.5e6 * 4 / 2**20
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, {weights_mb:.0f} MiB of weights), greedy, batch 1, "
              f"prompt {a.prompt_len} tokens, {a.new_tokens} new tokens; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, CPU cores {os.cpu_count()}. Peak memory: peak RSS above the "
+             f"{a.threads or torch.get_num_threads()} threads, CPU cores {os.cpu_count()}, {a.repeat} interleaved "
+             f"repetitions, load average (1 min) {min(loads):.1f}-{max(loads):.1f}. Peak memory: peak RSS above the "
              "RSS after importing torch and tlama_mini.", "",
-             "| implementation | load s | tokens/s, first call | tokens/s, second call | peak memory MiB |",
-             "|---|---:|---:|---:|---:|"]
-    for impl, r in rows.items():
-        lines.append(f"| {impl} | {r['load_s']} | {r['first_tps']} | {r['second_tps']} | {r['peak_mb']} |")
-    ours, hf = rows["tlama_mini"], rows["transformers"]
-    lines += ["", f"tlama_mini / transformers: {float(ours['first_tps']) / float(hf['first_tps']):.2f}x (first call), "
-              f"{float(ours['second_tps']) / float(hf['second_tps']):.2f}x (second call); the first 8 greedy tokens "
-              "are identical."]
+             "Tokens per CPU-second (process CPU time, not wall time) is the steadier measure on a busy machine.", "",
+             "| run | implementation | load s | tokens/s, first call | tokens/s, second call | "
+             "tokens per CPU-s, first | tokens per CPU-s, second | peak memory MiB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for k, rows in enumerate(runs, 1):
+        for impl, r in rows.items():
+            lines.append(f"| {k} | {impl} | {r['load_s']} | {r['first_tps']} | {r['second_tps']} | "
+                         f"{r['first_cpu_tps']} | {r['second_cpu_tps']} | {r['peak_mb']} |")
+    lines.append("")
+    for col, label in (("first_tps", "tokens/s"), ("first_cpu_tps", "tokens per CPU-second")):
+        ratio = {c: [float(r["tlama_mini"][c]) / float(r["transformers"][c]) for r in runs]
+                 for c in (col, col.replace("first", "second"))}
+        first, second = ratio.values()
+        lines.append(f"tlama_mini / transformers in {label}, per run: first call "
+                     + ", ".join(f"{v:.2f}x" for v in first) + "; second call " + ", ".join(f"{v:.2f}x" for v in second)
+                     + f" (medians {statistics.median(first):.2f}x and {statistics.median(second):.2f}x).")
+    lines.append("The first 8 greedy tokens are identical.")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
@@ -174,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice); 1 gives "
                    "steadier numbers on a busy machine")
     p.add_argument("--out", help="also write the markdown table to this file")
+    p.add_argument("--repeat", type=int, default=1, help="--smollm2: interleaved repetitions of both implementations")
     p.add_argument("--smollm2", action="store_true", help="the real SmolLM2-135M-Instruct beside transformers")
     p.add_argument("--smollm2-impl", choices=["tlama_mini", "transformers"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)

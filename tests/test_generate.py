@@ -3,7 +3,15 @@ top-p filters equal naive versions, stop tokens end rows."""
 import pytest
 import torch
 
-from tlama_mini import TlamaConfig, Transformer, generate, generate_stream, top_k_filter, top_p_filter
+from tlama_mini import (
+    TlamaConfig,
+    Transformer,
+    generate,
+    generate_stream,
+    top_k_filter,
+    top_p_filter,
+)
+from tlama_mini.sample import load_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +54,66 @@ def test_stop_token_ends_each_row(model):
     assert row0[:row0.index(stop) + 1] == free[0, 4:4 + row0.index(stop) + 1].tolist()
     assert all(t == stop for t in row0[row0.index(stop):])  # padded with the stop token after it
     assert out.shape[1] <= free.shape[1]
+
+
+def _with_eos(model, eos):
+    """The same weights under a config whose eos_token_id is `eos` (a model "trained" to stop there)."""
+    m = Transformer(model.config.replace(eos_token_id=eos)).eval()
+    m.load_state_dict(model.state_dict())
+    return m
+
+
+def test_default_stops_at_the_configs_eos_token_id(model):
+    prompt = torch.randint(0, 256, (1, 4))
+    free = generate(model, prompt, 12, temperature=0)  # the tiny preset has no eos_token_id: never stops
+    assert model.config.eos_token_id is None and free.shape == (1, 16)
+    eos = int(free[0, 7])  # the 4th generated token
+    first = free[0, 4:].tolist().index(eos)
+    m = _with_eos(model, eos)
+    out = generate(m, prompt, 12, temperature=0)
+    assert out[0].tolist() == free[0, :4 + first + 1].tolist()  # identical up to and including eos, then ends
+    assert torch.equal(generate(m, prompt, 12, temperature=0, stop_token=None), free)  # None: never stop
+    gen = free[0, 4:].tolist()
+    other = next(t for t in gen if t != eos)  # (a random model repeats itself: pick an id that differs)
+    out = generate(m, prompt, 12, temperature=0, stop_token=other)  # an explicit id replaces the config's
+    assert out[0].tolist() == free[0, :4 + gen.index(other) + 1].tolist()
+
+
+def test_batch_rows_stop_at_any_of_several_ids_and_pad_with_their_own(model):
+    torch.manual_seed(3)
+    prompt = torch.randint(0, 256, (3, 5))
+    free = generate(model, prompt, 14, temperature=0)[:, 5:]
+    stops = (int(free[0, 2]), int(free[1, 6]), int(free[2, 4]))  # each row holds one: rows end at different steps
+    out = generate(_with_eos(model, stops), prompt, 14, temperature=0)[:, 5:]
+    ends = []
+    for row, ref in zip(out.tolist(), free.tolist()):
+        k = next(i for i, t in enumerate(ref) if t in stops)  # this row's first stop token
+        ends.append(k)
+        assert row[:k + 1] == ref[:k + 1]
+        assert all(t == ref[k] for t in row[k:])  # then padded with the stop token this row produced
+    assert len(set(ends)) > 1 and out.shape[1] == max(ends) + 1 < 14  # ends when the last row has stopped
+    streamed = torch.stack(list(generate_stream(_with_eos(model, stops), prompt, 14, temperature=0)), 1)
+    assert torch.equal(streamed[:, :out.shape[1]], out) and streamed.shape == out.shape
+
+
+def test_eos_token_id_is_validated_and_survives_json():
+    import json
+    c = TlamaConfig.from_preset("tiny", eos_token_id=[3, 7])  # a list (from JSON) becomes a tuple
+    assert c.eos_token_id == (3, 7)
+    assert TlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    for bad in (256, -1, (1, 300), True, "2"):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            TlamaConfig.from_preset("tiny", eos_token_id=bad)
+
+
+def test_stop_token_argument_errors(model):
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="'eos'"):
+        generate(model, prompt, 2, stop_token="eot")
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        generate(model, prompt, 2, stop_token=256)
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        generate(model, prompt, 2, stop_token=[])
 
 
 def test_top_k_filter_keeps_k_largest():
@@ -143,3 +211,23 @@ def test_setup_cache_checks_the_limits():
         m.setup_cache(1, 65)
     m.setup_cache(2, 10)
     assert _cache_shapes(m) == {(2, 10, m.config.kv_heads, m.config.head_dim)}
+
+
+def test_eos_token_id_is_saved_and_loaded_with_a_checkpoint(model, tmp_path):
+    from tlama_mini import checkpoint as ckpt
+    m = _with_eos(model, (5, 9))
+    ckpt.save_checkpoint(tmp_path / "ckpt", m, {}, {"model": m.config.to_dict(), "step": 0})
+    loaded, _, _ = load_for_inference(tmp_path)
+    assert loaded.config.eos_token_id == (5, 9) and loaded.config == m.config
+
+
+def test_a_model_trains_after_generating():
+    """generate runs under torch.inference_mode: what the model caches during it (RoPE angles) must still
+    serve a training step, which saves tensors for backward."""
+    m = Transformer(TlamaConfig.from_preset("tiny", max_seq_len=40))
+    assert not m._freq_cis  # nothing cached yet: generate builds it
+    generate(m, torch.randint(0, 256, (1, 4)), 3, temperature=0)
+    m.train()
+    x = torch.randint(0, 256, (2, 8))
+    m(x, targets=x)[1].backward()
+    assert m.layers[0].attention.Wq.weight.grad is not None

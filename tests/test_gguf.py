@@ -77,13 +77,15 @@ def test_cached_decode_equals_uncached(ours, shakespeare):
         steps = [model(x[:, :25], 0, kv_cache=True)[0]]
         steps += [model(x[:, p:p + 1], p)[0] for p in range(25, 40)]
         model.reset_cache()
-    assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-4
+    # fp32 round-off: one-row products (decode) and many-row products (the prompt) sum in different orders;
+    # over 30 layers that reaches ~1.2e-4 on logits of magnitude ~20 with one thread: the 5e-4 budget
+    assert (torch.cat(steps, 1) - full).abs().max().item() < 5e-4
 
 
 def test_greedy_64_tokens_equal_transformers(ours, hf_model, shakespeare):
     model, tok = ours
     x = torch.tensor([tok.encode(shakespeare[10000:10400])[:50]])
-    mine = generate(model, x, 64, temperature=0)
+    mine = generate(model, x, 64, temperature=0, stop_token=None)  # 64 tokens, as transformers with eos None
     with torch.no_grad():
         ref = hf_model.generate(x, max_new_tokens=64, do_sample=False, eos_token_id=None, pad_token_id=2)
     assert ref.shape[1] == x.shape[1] + 64
@@ -94,10 +96,12 @@ def test_capital_of_france(ours):
     model, tok = ours
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     x = torch.tensor([tok.encode(prompt, allowed_special="all")])
-    out = generate(model, x, 24, temperature=0, stop_token=tok.eos_token_id)
+    out = generate(model, x, 40, temperature=0)  # stops at the file's end of turn by default
     reply = tok.decode(out[0, x.shape[1]:].tolist())
     print(f"\n[gguf] reply: {reply!r}")
-    assert "Paris" in reply and out[0, -1].item() == tok.eos_token_id  # it also stopped at <|im_end|>
+    assert model.config.eos_token_id == tok.eos_token_id == tok.encode("<|im_end|>", allowed_special="all")[0]
+    assert "Paris" in reply and reply.endswith("<|im_end|>") and reply.count("<|im_end|>") == 1
+    assert out.shape[1] < x.shape[1] + 40  # it stopped early, at <|im_end|>
 
 
 def test_compare_layers_finds_nothing_then_the_block_with_a_missed_rope_permutation(ours, hf_model):

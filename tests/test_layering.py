@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tlama_mini"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundations: files, devices, shapes, the config, pure helpers", {
         "paths", "device", "config", "shapes", "memory", "remat", "masks", "norm", "kv_cache", "parallel",
-        "quant", "chat_template", "chat_data", "embeddings", "compare"}),
+        "quant", "chat_template", "chat_data", "embeddings", "compare", "fuse"}),
     ("maths built on them: tokenizers, RoPE, kernels, optimizers, the loss of DPO", {
         "tokenizer", "tiktoken_local", "rope", "flash", "triton_flash", "triton_kernels", "muon", "ffn", "moe",
         "lora", "dpo", "blockwise_attn", "data"}),

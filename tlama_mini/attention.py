@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import TlamaConfig
 from .flash import flash_attention
+from .fuse import fused_weight
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .norm import RMSNorm, rms_normalize
@@ -159,9 +160,14 @@ class Attention(nn.Module):
         `Transformer.forward` always passes one of them.
         """
         B, T, _ = x.shape
-        xq = self.Wq(x).view(B, T, self.n_local_heads, self.head_dim)     # (B, T, H, D)
-        xk = self.Wk(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, K, D)
-        xv = self.Wv(x).view(B, T, self.n_local_kv_heads, self.head_dim)  # (B, T, K, D)
+        H, K, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
+        wqkv = None if torch.is_grad_enabled() else fused_weight(self.Wq, self.Wk, self.Wv)
+        if wqkv is not None:  # one product for the three (fuse.py): (B, T, (H + 2K) D)
+            xq, xk, xv = F.linear(x, wqkv).view(B, T, H + 2 * K, D).split([H, K, K], dim=2)
+        else:
+            xq = self.Wq(x).view(B, T, H, D)  # (B, T, H, D)
+            xk = self.Wk(x).view(B, T, K, D)  # (B, T, K, D)
+            xv = self.Wv(x).view(B, T, K, D)  # (B, T, K, D)
         if self.q_norm is not None:
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         if freq_cis is not None:

@@ -118,6 +118,7 @@ class TlamaConfig:
     weight_init: tuple[float, float] = (0.02, 0.0)  # (std, mean) of the normal init
     use_parallel: bool = True              # shard linears over a tensor-parallel group, if one is set up
     kv_cache: bool = True                  # use the KV cache in eval-mode inference (never in training)
+    eos_token_id: int | tuple[int, ...] | None = None  # generate() stops at these by default (HF's name)
     # --- training-time extras ---
     dropout: float = 0.0
     tie_embeddings: bool = False
@@ -154,6 +155,8 @@ class TlamaConfig:
         if isinstance(self.vision, dict):
             object.__setattr__(self, "vision", VisionConfig(**self.vision))
         object.__setattr__(self, "weight_init", tuple(float(v) for v in self.weight_init))
+        if isinstance(self.eos_token_id, (list, tuple)):  # a JSON checkpoint gives a list
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "multiple_of", "max_seq_len",
                      "max_batch_size", "moe_layer_interval", "n_experts_per_tok"):
             value = getattr(self, name)
@@ -207,6 +210,11 @@ class TlamaConfig:
                              "the id of its image token, and a text-only model has none")
         if self.image_token_id is not None and not 0 <= self.image_token_id < self.vocab_size:
             raise ValueError(f"image_token_id ({self.image_token_id}) must be in [0, {self.vocab_size}) (vocab_size)")
+        for t in () if self.eos_token_id is None else (
+                self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)):
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"eos_token_id ({self.eos_token_id!r}) must be None, a token id or a tuple of "
+                                 f"token ids in [0, {self.vocab_size}) (vocab_size)")
 
     # --- derived values ---
     @property

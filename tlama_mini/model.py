@@ -19,6 +19,7 @@ from .attention import Attention
 from .blockwise import blockwise_ffn, blockwise_lm_head_loss
 from .config import TlamaConfig
 from .ffn import FeedForward
+from .fuse import fused_weight
 from .masks import build_mask
 from .moe import MoE
 from .muon import Muon, muon_param_groups
@@ -55,8 +56,12 @@ class TransformerBlock(nn.Module):
     def _ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, C) -> (output (B, T, C), the MoE's load-balancing loss or None for a dense FFN)."""
         chunk = self.config.blockwise_chunk_size
+        w13 = None if self.is_moe or torch.is_grad_enabled() else fused_weight(self.ffn.w1, self.ffn.w3)
         if chunk is not None and self.training:
             out = blockwise_ffn(self.ffn, x, chunk)
+        elif w13 is not None:  # gate and up in one product (fuse.py): (B, T, 2F)
+            gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (B, T, F) each
+            out = self.ffn.w2(F.silu(gate) * up)          # = swiglu(x, w1, w2, w3)
         else:
             out = self.ffn(x)
         return out if self.is_moe else (out, None)

@@ -5,15 +5,21 @@ Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, opti
 the top_k most likely tokens and/or the smallest set whose probability reaches top_p (nucleus
 sampling, Holtzman et al. 2019), then draw from the softmax with a seedable generator.
 
+Stopping: by default (`stop_token="eos"`) a row stops at its model's end-of-turn / end-of-text tokens,
+`model.config.eos_token_id` (set by `gguf.load_gguf` from the file, e.g. SmolLM2's <|im_end|>; None for
+a model that has none, which then never stops early). An explicit id, or a sequence of ids, replaces
+them; `stop_token=None` never stops early. A row that has stopped keeps emitting the stop token it
+produced (its padding), and generation ends as soon as every row has stopped.
+
 From a training run: `load_for_inference(run folder)` builds the model and tokenizer, `generate_text`
 continues a prompt as text, past the model's context if asked (`python -m tlama_mini sample` runs both).
 Legend: B batch, T prompt length, V vocab_size.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -62,13 +68,33 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+StopToken = int | Sequence[int] | Literal["eos"] | None
+
+
+def stop_token_ids(model: Transformer, stop_token: StopToken) -> tuple[int, ...]:
+    """The ids that end a row: "eos" -> model.config.eos_token_id; None -> none; an id or ids as given."""
+    if isinstance(stop_token, str):
+        if stop_token != "eos":
+            raise ValueError(f"stop_token ({stop_token!r}) must be 'eos' (the model's eos_token_id), a token id, "
+                             "a sequence of ids, or None (never stop early)")
+        stop_token = model.config.eos_token_id
+    if stop_token is None:
+        return ()
+    ids = (stop_token,) if isinstance(stop_token, int) else tuple(stop_token)
+    V = model.config.vocab_size
+    if not ids or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < V for t in ids):
+        raise ValueError(f"stop_token ({stop_token!r}) must be token ids in [0, {V}) (vocab_size)")
+    return ids
+
+
+@torch.inference_mode()  # no_grad, and no version counters or view tracking: less work per op
 def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop_token: int | None = None,
+                    seed: int | None = None, stop_token: StopToken = "eos",
                     use_cache: bool = True, images: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) step by step (for printing as text appears).
-    Rows that produced `stop_token` keep yielding it; the stream ends when all rows have stopped.
+    stop_token: "eos" (default) = model.config.eos_token_id, or an id, or ids, or None = never stop
+    early. A row that produced a stop token keeps yielding it; the stream ends when all rows have stopped.
     use_cache=False recomputes the whole sequence every step (the slow reference). images: for a vision
     model, the images whose features fill the prompt's image tokens (read in the prefill)."""
     if tokens.ndim != 2:
@@ -81,25 +107,32 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
         raise ValueError(f"prompt length ({T}) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} "
                          f"exceeds max_seq_len ({cfg.max_seq_len}); shorten the prompt or generate fewer tokens")
     use_cache = use_cache and cfg.kv_cache
+    stops = stop_token_ids(model, stop_token)
+    stop_ids = torch.tensor(stops, device=tokens.device)  # (N,)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    with torch.inference_mode(False):  # tensors the model caches for later calls (RoPE angles) must be
+        model.freq_cis                  # normal ones: a training step could not save inference tensors
+        if model.vision is not None:
+            model.vision.freqs_cis(tokens.device)
     was_training = model.training
     model.eval()
     try:
         seq = tokens
         done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        last = torch.zeros(B, dtype=torch.long, device=tokens.device)  # each row's last token
         if use_cache:  # sized to this request, never max_batch_size x max_seq_len
             model.setup_cache(B, T + max_new_tokens)
         logits, _ = model(tokens, 0, kv_cache=use_cache, images=images)  # prefill: (B, T, V)
         for step in range(max_new_tokens):
             nxt = sample_next_token(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator)  # (B,)
-            if stop_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-                done |= nxt == stop_token
+            if stops:  # a finished row repeats the stop token it produced (done is all False at step 0)
+                nxt = last = torch.where(done, last, nxt)
+                done |= torch.isin(nxt, stop_ids)
             yield nxt
-            if step == max_new_tokens - 1 or (stop_token is not None and bool(done.all())):
+            if step == max_new_tokens - 1 or (stops and bool(done.all())):
                 return
             if use_cache:  # decode: only the new token, at its position
                 logits, _ = model(nxt[:, None], T + step, kv_cache=True)  # (B, 1, V)
@@ -114,10 +147,11 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
 
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_token: int | None = None, use_cache: bool = True,
+             stop_token: StopToken = "eos", use_cache: bool = True,
              images: torch.Tensor | None = None) -> torch.Tensor:
     """Continue each row of `tokens` (B, T): returns (B, T + n) with n <= max_new_tokens (fewer when
-    every row has emitted `stop_token`; rows that stopped early are padded with it)."""
+    every row has emitted a stop token: by default the model's config.eos_token_id, see
+    `generate_stream`; rows that stopped early are padded with the stop token they produced)."""
     new = list(generate_stream(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, stop_token=stop_token, use_cache=use_cache,
                                images=images))
@@ -143,6 +177,8 @@ def generate_text(model: Transformer, tokenizer: Any, prompt: str, max_new_token
         new = generate(model, ctx, n, temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=None if seed is None else seed + window)[:, ctx.shape[1]:]  # (B, n)
         x, produced, window = torch.cat([x, new], dim=1), produced + n, window + 1
+        if new.shape[1] < n:  # every row reached the model's end-of-text token (config.eos_token_id)
+            break
     return [prompt + tokenizer.decode(row[len(ids[-(T - 1):]):].tolist()) for row in x]
 
 
