@@ -1,5 +1,6 @@
-"""How a training run reports: a progress bar while it trains (`TqdmReporter`, the `Reporter` of the
-command line) and the loss plot OUT/loss.png from OUT/metrics.jsonl (`plot_metrics`)."""
+"""How a training run reports: `Reporter`, what `Trainer.run` calls with its progress (silent but for
+messages), a progress bar while it trains (`TqdmReporter`, the command line's) and the loss plot
+OUT/loss.png from OUT/metrics.jsonl (`plot_metrics`)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,21 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .trainer import Reporter
 from .training import TrainConfig
+
+
+class Reporter:
+    """Receives progress from `Trainer.run`: silent here except for messages; cli.py shows a bar."""
+
+    def update(self, step: int, train_seconds: float, elapsed: float, loss: float, tokens_per_s: float,
+               lr: float) -> None: ...
+
+    def evaluated(self, row: dict[str, Any]) -> None: ...
+
+    def message(self, text: str) -> None:
+        print(text, flush=True)
+
+    def close(self) -> None: ...
 
 
 class TqdmReporter(Reporter):

@@ -37,25 +37,12 @@ from .data import BatchSampler, Corpus, fixed_batches, full_split_batches, prepa
 from .device import autocast_dtype, get_device, init_distributed
 from .finetune import build, lora_settings, save_adapters_and_merged
 from .model import Transformer
+from .report import Reporter
 from .sft import ChatSampler, batch_weight, chat_loss
 from .training import (TRAIN_PRESETS, TrainConfig, evaluate, lm_loss, lr_at, set_lr, token_count, train_config,
                        train_step)
 
 __all__ = ["TRAIN_PRESETS", "Reporter", "TrainConfig", "Trainer", "autocast_dtype", "train_config"]  # old import paths
-
-
-class Reporter:
-    """Receives progress from `Trainer.run`: silent here except for messages; cli.py shows a bar."""
-
-    def update(self, step: int, train_seconds: float, elapsed: float, loss: float, tokens_per_s: float,
-               lr: float) -> None: ...
-
-    def evaluated(self, row: dict[str, Any]) -> None: ...
-
-    def message(self, text: str) -> None:
-        print(text, flush=True)
-
-    def close(self) -> None: ...
 
 
 class Trainer:
