@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from tlama_mini import chat as chat_module
 from tlama_mini import cli
@@ -16,28 +15,18 @@ from tlama_mini.chat import stream_reply
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def path(smollm2_path):
-    return smollm2_path
-
-
-@pytest.fixture(scope="module")
-def loaded(smollm2):
-    return smollm2
-
-
-def test_prompt_answers_once(path):
+def test_prompt_answers_once(smollm2_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = subprocess.run([sys.executable, "-m", "tlama_mini", "chat", "--gguf", str(path), "-p",
+    out = subprocess.run([sys.executable, "-m", "tlama_mini", "chat", "--gguf", str(smollm2_path), "-p",
                           "What is the capital of France?", "--max-new-tokens", "24"],
                          capture_output=True, text=True, env=env, timeout=600, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout and "<|im_end|>" not in out.stdout
 
 
-def test_conversation_from_a_pipe_keeps_history_and_ends_at_eof(loaded, monkeypatch, capsys):
-    model, tok = loaded
-    monkeypatch.setattr(chat_module, "load_gguf", lambda path=None, *a, **k: loaded)  # the name cmd_chat calls
+def test_conversation_from_a_pipe_keeps_history_and_ends_at_eof(smollm2, monkeypatch, capsys):
+    model, tok = smollm2
+    monkeypatch.setattr(chat_module, "load_gguf", lambda path=None, *a, **k: smollm2)  # the name cmd_chat calls
     seen = []
     real = tok.apply_chat_template
 
@@ -54,14 +43,14 @@ def test_conversation_from_a_pipe_keeps_history_and_ends_at_eof(loaded, monkeypa
     assert "Paris" in seen[1][1]["content"] and seen[1][2]["content"] == "And of Italy?"
 
 
-def test_stdin_closed_exits_cleanly(loaded, monkeypatch, capsys):
-    monkeypatch.setattr(chat_module, "load_gguf", lambda path=None, *a, **k: loaded)  # the name cmd_chat calls
+def test_stdin_closed_exits_cleanly(smollm2, monkeypatch, capsys):
+    monkeypatch.setattr(chat_module, "load_gguf", lambda path=None, *a, **k: smollm2)  # the name cmd_chat calls
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     assert cli.main(["chat"]) == 0
 
 
-def test_streamed_pieces_join_to_the_reply(loaded):
-    model, tok = loaded
+def test_streamed_pieces_join_to_the_reply(smollm2):
+    model, tok = smollm2
     pieces = []
     reply = stream_reply(model, tok, [{"role": "user", "content": "Say hello in French."}], max_new_tokens=12,
                          write=pieces.append)

