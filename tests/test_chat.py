@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from tlama_mini import chat as chat_module
 from tlama_mini import cli
 from tlama_mini import gguf as G
