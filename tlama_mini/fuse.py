@@ -1,9 +1,10 @@
 """Fused projections for inference: one matrix product where the model has several on the same input.
 
 Attention multiplies its input by Wq, Wk and Wv, and the SwiGLU FFN by w1 (gate) and w3 (up). At batch 1
-each product is a matrix-vector product that streams its weight once, and the per-call overhead of 211
-small products per token (SmolLM2: 7 per block, 30 blocks, and the LM head) costs as much as the
-arithmetic. `fuse_projections(model)` moves each group's weights into one matrix (Wq, Wk, Wv; w1, w3),
+each product is a matrix-vector product that streams its weight once; fusing turns SmolLM2's 211 products
+per token (7 per block, 30 blocks, and the LM head) into 121, each paying its call and thread start-up
+once. (Profiled after fusion on a 2-core CPU, the products are still 78% of a decode step: ~35 ms per
+token, reading 513 MiB of fp32 weights; the fusion saves overhead, not bandwidth.) `fuse_projections(model)` moves each group's weights into one matrix (Wq, Wk, Wv; w1, w3),
 stored transposed (`stack_linears`), and makes the original parameters *views* of its blocks: names,
 values, shapes and the state_dict are unchanged, no memory is added, and training (which updates each
 parameter in place) keeps them fused. `fused_weight` then finds the stacked matrix from the
