@@ -2,6 +2,7 @@
 state_dict and the same training as separate weights, and anything that breaks the layout falls back."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tlama_mini import TlamaConfig, Transformer, generate
 from tlama_mini.fuse import fuse_projections, fused_weight
@@ -91,3 +92,33 @@ def test_a_fused_model_saves_and_loads_as_a_checkpoint(tmp_path):
     loaded, _, _ = load_for_inference(tmp_path)
     sd = loaded.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in plain.state_dict().items())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_linear_splits_one_row_across_threads_and_equals_float64(threads, monkeypatch):
+    """fuse.linear: one row, CPU, w stored transposed, P = threads dividing in_features -> one torch.bmm of
+    P slices of the reduction; equal to the float64 product as closely as F.linear is. Else F.linear."""
+    from tlama_mini.fuse import linear
+    bmm_calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b: bmm_calls.append(a.shape[0]) or real_bmm(a, b))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for N, K in [(960, 576), (49, 1536), (7, 6), (5, 7)]:
+            w = (torch.randn(N, K, generator=g) * 3).t().contiguous().t()  # strides (1, N), as stack_linears stores
+            x = torch.randn(1, 1, K, generator=g)
+            bmm_calls.clear()
+            with torch.no_grad():
+                y, ref = linear(x, w), F.linear(x, w)
+            split = threads > 1 and K % threads == 0
+            assert bmm_calls == ([threads] if split else []), (N, K)
+            exact = (x.double() @ w.double().t()).float()
+            assert (y - exact).abs().max() <= 4 * (ref - exact).abs().max() + 1e-5, (N, K)
+            with torch.no_grad():  # several rows, or a row-major weight: F.linear itself
+                assert torch.equal(linear(x.expand(2, 1, K), w), F.linear(x.expand(2, 1, K), w))
+                assert torch.equal(linear(x, w.contiguous()), F.linear(x, w.contiguous()))
+            assert torch.equal(linear(x, w), F.linear(x, w))  # gradients on: F.linear
+    finally:
+        torch.set_num_threads(old)

@@ -23,12 +23,12 @@ from torch import nn
 
 from .config import TlamaConfig
 from .flash import flash_attention
-from .fuse import fused_weight
+from .fuse import fused_weight, linear, project
 from .kv_cache import KVCache
 from .masks import causal_mask
 from .norm import RMSNorm, rms_normalize
 from .parallel import column_linear, row_linear, tp_world_size
-from .rope import apply_rope, xpos_scale
+from .rope import apply_rope, rotate, xpos_scale
 
 
 # torch >= 2.5 lets SDPA share kv heads across query groups without copying them (enable_gqa).
@@ -162,8 +162,14 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, K, D = self.n_local_heads, self.n_local_kv_heads, self.head_dim
         wqkv = None if torch.is_grad_enabled() else fused_weight(self.Wq, self.Wk, self.Wv)
+        rotated = False
         if wqkv is not None:  # one product for the three (fuse.py): (B, T, (H + 2K) D)
-            xq, xk, xv = F.linear(x, wqkv).view(B, T, H + 2 * K, D).split([H, K, K], dim=2)
+            qkv = linear(x, wqkv).view(B, T, H + 2 * K, D)
+            if freq_cis is not None and self.q_norm is None:  # queries and keys side by side: one rotation
+                xq, xk = rotate(qkv[:, :, :H + K], freq_cis).split([H, K], dim=2)
+                xv, rotated = qkv[:, :, H + K:], True
+            else:
+                xq, xk, xv = qkv.split([H, K, K], dim=2)
         else:
             xq = self.Wq(x).view(B, T, H, D)  # (B, T, H, D)
             xk = self.Wk(x).view(B, T, K, D)  # (B, T, K, D)
@@ -171,7 +177,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         if freq_cis is not None:
-            xq, xk = apply_rope(xq, xk, freq_cis)
+            if not rotated:
+                xq, xk = apply_rope(xq, xk, freq_cis)
             if self.config.qk_l2_norm:  # Llama 4: after RoPE, on RoPE layers only
                 xq, xk = rms_normalize(xq, self.config.norm_eps), rms_normalize(xk, self.config.norm_eps)
             if self.config.xpos_scale_base is not None:  # keys are cached already scaled
@@ -187,4 +194,4 @@ class Attention(nn.Module):
                         is_causal=is_causal, backend=self.config.attn_backend,
                         dropout_p=self.config.dropout if self.training else 0.0,
                         flash_block_size=self.config.flash_block_size)
-        return self.Wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * D) -> (B, T, C)
+        return project(self.Wo, out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * D) -> (B, T, C)

@@ -22,6 +22,7 @@ Legend: C d_model, H heads, K kv heads, D head_dim, F FFN hidden size.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,24 +30,68 @@ def _plain(m: nn.Module) -> bool:
     return type(m) is nn.Linear and m.bias is None
 
 
+def _plain_weight(m: nn.Module) -> torch.Tensor | None:
+    """The weight of a plain bias-free nn.Linear, else None. Read from the parameter dict directly:
+    this runs several times per layer at every decoding step, where each attribute lookup counts."""
+    if type(m) is not nn.Linear:
+        return None
+    params = m._parameters
+    return params["weight"] if params["bias"] is None else None
+
+
 def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
     """The (sum of out_features, in_features) weight that applies these bias-free nn.Linear layers at
     once, when `stack_linears` stored them as column blocks of one matrix; otherwise None. It is a view,
     transposed in memory like each of them (strides (1, sum of out_features))."""
-    if not all(_plain(m) for m in linears):
-        return None
-    first = linears[0].weight
-    C = first.shape[1]
-    total = sum(m.weight.shape[0] for m in linears)
-    storage = first.untyped_storage().data_ptr()
-    at = first.data_ptr()
+    ws = []
     for m in linears:
-        w = m.weight
-        if (w.data_ptr() != at or w.shape[1] != C or w.stride() != (1, total) or w.dtype != first.dtype
+        w = _plain_weight(m)
+        if w is None:
+            return None
+        ws.append(w)
+    first = ws[0]
+    C, dtype, storage = first.shape[1], first.dtype, first.untyped_storage().data_ptr()
+    total = sum(w.shape[0] for w in ws)
+    at = first.data_ptr()
+    for w in ws:
+        if (w.data_ptr() != at or w.stride() != (1, total) or w.shape[1] != C or w.dtype != dtype
                 or w.untyped_storage().data_ptr() != storage):
             return None
         at += w.shape[0] * w.element_size()  # the next block starts where this one's columns end
     return first.as_strided((total, C), (1, total))  # (sum out, in), no copy
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T, as F.linear(x, w) (no bias): x (..., in), w (out, in) -> (..., out). For inference.
+
+    One row on a CPU with several threads (batch-1 decoding) takes another route to the same sum. MKL
+    runs such a matrix-vector product on one core, so the second core idles while the weight streams
+    from memory at one core's speed. Cutting the reduction into P = torch.get_num_threads() slices,
+    one `torch.bmm` multiplies each slice on its own thread, and the P partial rows are added:
+
+        x w^T = sum over p of x[p-th slice] (w^T)[p-th slice of rows]        (P, 1, out) -> (1, out)
+
+    With w stored transposed (w^T contiguous: `stack_linears`, the LM head) each slice is a view, so
+    nothing is copied. Measured on a 2-core CPU, SmolLM2's 121 products per token take 24.3 ms instead
+    of 34.6 ms (20.6 instead of 14.5 GiB/s of weights; benchmarks/RESULTS.md, "Generation"). The sum
+    runs in another order than MKL's, so results differ from F.linear by round-off (~1e-7 relative).
+    Anything else (several rows, gradients, other devices, another layout) is F.linear."""
+    P = torch.get_num_threads()
+    K = x.shape[-1]
+    if (P > 1 and x.device.type == "cpu" and x.numel() == K and K % P == 0 and w.dim() == 2
+            and w.shape[1] == K and w.stride() == (1, w.shape[0]) and not torch.is_grad_enabled()):
+        N = w.shape[0]
+        # (P, 1, K/P) @ (P, K/P, N) -> (P, 1, N) partial products; w^T's rows cut into P views
+        parts = torch.bmm(x.reshape(P, 1, K // P), w.as_strided((P, K // P, N), (K // P * N, N, 1)))
+        return parts.sum(0).view(*x.shape[:-1], N)
+    return F.linear(x, w)
+
+
+def project(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x) for a layer of the model; a plain bias-free nn.Linear goes through `linear` when no
+    gradients are recorded (a LoRA-wrapped or tensor-parallel layer is always called as itself)."""
+    w = None if torch.is_grad_enabled() else _plain_weight(m)
+    return m(x) if w is None else linear(x, w)
 
 
 def stack_linears(*linears: nn.Module) -> bool:

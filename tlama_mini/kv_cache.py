@@ -73,11 +73,32 @@ class KVCache(nn.Module):
         """Write keys/values (B, T, K, D) at positions start_pos..start_pos+T-1 and return all keys and
         values of positions 0..start_pos+T-1: two tensors (B, S, K, D)."""
         B, T = xk.shape[:2]
+        end = start_pos + T
+        k = self.cache_k
+        # the usual decoding step (the buffers already hold room for it) is checked in one expression
+        fits = (k is not None and 0 <= start_pos <= self.length and B <= k.shape[0] and end <= k.shape[1]
+                and k.dtype == xk.dtype and k.device == xk.device
+                # a buffer made under torch.inference_mode cannot be written outside it
+                and (torch.is_inference_mode_enabled() or not k.is_inference()))
+        if not fits:
+            self._check_update(start_pos, B, end)
+            self._fit(B, end, xk)
+            k = self.cache_k
+        v = self.cache_v
+        k[:B, start_pos:end] = xk.detach()
+        v[:B, start_pos:end] = xv.detach()
+        object.__setattr__(self, "length", end)  # a plain int: skips nn.Module.__setattr__'s checks, once per layer and step
+        if torch.is_grad_enabled() and (xk.requires_grad or xv.requires_grad):
+            # keep the autograd path through the new keys/values (eval mode with gradients on)
+            return torch.cat([k[:B, :start_pos], xk], dim=1), torch.cat([v[:B, :start_pos], xv], dim=1)
+        return k[:B, :end], v[:B, :end]  # (B, S, K, D) each
+
+    def _check_update(self, start_pos: int, B: int, end: int) -> None:
+        """Every way an update can be wrong, each with its own message."""
         if start_pos < 0:
             raise ValueError(f"start_pos ({start_pos}) must be >= 0")
-        end = start_pos + T
         if end > self.max_seq_len:
-            raise ValueError(f"KV-cache overflow: start_pos ({start_pos}) + seq_len ({T}) = {end} "
+            raise ValueError(f"KV-cache overflow: start_pos ({start_pos}) + seq_len ({end - start_pos}) = {end} "
                              f"> max_seq_len ({self.max_seq_len}); crop the prompt or generate fewer tokens, "
                              "or raise config.max_seq_len")
         self._check_size(B, end)
@@ -89,15 +110,6 @@ class KVCache(nn.Module):
         if start_pos > 0 and self.cache_k is not None and B > self.cache_k.shape[0]:
             raise ValueError(f"batch size {B} at start_pos {start_pos} exceeds the {self.cache_k.shape[0]} rows "
                              "the prefill cached; decode the same batch that was prefilled")
-        self._fit(B, end, xk)
-        self.cache_k[:B, start_pos:end] = xk.detach()
-        self.cache_v[:B, start_pos:end] = xv.detach()
-        self.length = end
-        if torch.is_grad_enabled() and (xk.requires_grad or xv.requires_grad):
-            # keep the autograd path through the new keys/values (eval mode with gradients on)
-            return (torch.cat([self.cache_k[:B, :start_pos], xk], dim=1),
-                    torch.cat([self.cache_v[:B, :start_pos], xv], dim=1))
-        return self.cache_k[:B, :end], self.cache_v[:B, :end]  # (B, S, K, D) each
 
     def reset(self) -> None:
         """Free the buffers; they are allocated again by `allocate` or the next update."""

@@ -19,7 +19,7 @@ from .attention import Attention
 from .blockwise import blockwise_ffn, blockwise_lm_head_loss
 from .config import TlamaConfig
 from .ffn import FeedForward
-from .fuse import fused_weight
+from .fuse import fused_weight, linear, project
 from .masks import build_mask
 from .moe import MoE
 from .muon import Muon, muon_param_groups
@@ -55,16 +55,21 @@ class TransformerBlock(nn.Module):
 
     def _ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, T, C) -> (output (B, T, C), the MoE's load-balancing loss or None for a dense FFN)."""
+        ffn = self.ffn
+        is_moe = isinstance(ffn, MoE)
         chunk = self.config.blockwise_chunk_size
-        w13 = None if self.is_moe or torch.is_grad_enabled() else fused_weight(self.ffn.w1, self.ffn.w3)
+        w13 = None if is_moe or torch.is_grad_enabled() else fused_weight(ffn.w1, ffn.w3)
         if chunk is not None and self.training:
-            out = blockwise_ffn(self.ffn, x, chunk)
+            out = blockwise_ffn(ffn, x, chunk)
         elif w13 is not None:  # gate and up in one product (fuse.py): (B, T, 2F)
-            gate, up = F.linear(x, w13).chunk(2, dim=-1)  # (B, T, F) each
-            out = self.ffn.w2(F.silu(gate) * up)          # = swiglu(x, w1, w2, w3)
+            gate, up = linear(x, w13).chunk(2, dim=-1)  # (B, T, F) each
+            out = project(ffn.w2, F.silu(gate) * up)    # = swiglu(x, w1, w2, w3)
         else:
-            out = self.ffn(x)
-        return out if self.is_moe else (out, None)
+            out = ffn(x)
+        return out if is_moe else (out, None)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(x) if self.training else x  # dropout is the identity in eval mode: skip the call
 
     def forward(self, x: torch.Tensor, start_pos: int, freq_cis: torch.Tensor | None,
                 mask: torch.Tensor | None, kv_cache: bool = True, *, is_causal: bool = False,
@@ -78,12 +83,12 @@ class TransformerBlock(nn.Module):
             hn = self.attention_norm(x)
             a = self.attention(hn, start_pos, freq_cis, mask, kv_cache, is_causal=is_causal)
             f, aux = self._ffn(hn)
-            out = x + self.dropout(a) + self.dropout(f)
+            out = x + self._drop(a) + self._drop(f)
         else:
-            h = x + self.dropout(self.attention(self.attention_norm(x), start_pos, freq_cis, mask, kv_cache,
-                                                is_causal=is_causal))
+            h = x + self._drop(self.attention(self.attention_norm(x), start_pos, freq_cis, mask, kv_cache,
+                                              is_causal=is_causal))
             f, aux = self._ffn(self.ffn_norm(h))
-            out = h + self.dropout(f)
+            out = h + self._drop(f)
         return (out, aux) if return_aux else out
 
 
@@ -226,7 +231,7 @@ class Transformer(nn.Module):
                 h = layer(h, start_pos, freq_cis, mask, use_cache, is_causal=is_causal)
         h = self.norm(h)  # (B, T, C)
         if targets is None:
-            return self.output(h), None  # (B, T, V)
+            return project(self.output, h), None  # (B, T, V)
         if targets.shape != tokens.shape:
             raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape {tuple(tokens.shape)}")
         if c.image_token_id is not None:  # an image token is input, never something to predict

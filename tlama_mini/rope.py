@@ -56,8 +56,10 @@ def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return freqs_cis.view(1, x.shape[1], 1, x.shape[-1])
 
 
-def _rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate the adjacent pairs of x (B, T, H, D) by freqs_cis (T, D/2); computed in float32."""
+def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent pairs of every head of x (B, T, H, D) by freqs_cis (T, D/2); computed in
+    float32, returned in x's dtype. apply_rope is this for queries and keys; attention rotates both at
+    once when they lie side by side (its fused projection's output)."""
     xc = torch.view_as_complex(x.float().contiguous().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, D/2) complex
     out = torch.view_as_real(xc * reshape_for_broadcast(freqs_cis, xc))  # (B, T, H, D/2, 2)
     return out.flatten(3).type_as(x)  # (B, T, H, D)
@@ -79,4 +81,4 @@ def apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> t
     Returns (xq, xk) with the same shapes and dtypes."""
     if xq.shape[-1] % 2:
         raise ValueError(f"head_dim ({xq.shape[-1]}) must be even for RoPE")
-    return _rotate(xq, freqs_cis), _rotate(xk, freqs_cis)
+    return rotate(xq, freqs_cis), rotate(xk, freqs_cis)
