@@ -41,6 +41,21 @@ def test_cached_decode_equals_uncached_forward(variant):
     assert torch.equal(greedy_cached, greedy_plain)
 
 
+@pytest.mark.parametrize("variant", ["gqa", "moe_shared", "tied_scaled_rope"])
+def test_last_only_is_the_last_row_of_the_full_logits(variant):
+    model = _model(**VARIANTS[variant])
+    tokens = torch.randint(0, 256, (3, 17))
+    with torch.no_grad():
+        full, _ = model(tokens, kv_cache=False)
+        last, _ = model(tokens, kv_cache=False, last_only=True)
+        assert last.shape == (3, 1, 256)
+        torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=1e-5)
+        model(tokens[:, :9], 0, kv_cache=True)  # cached: the rest of the prompt, then its last row only
+        torch.testing.assert_close(model(tokens[:, 9:], 9, last_only=True)[0], full[:, -1:], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="pass targets or last_only, not both"):
+        model(tokens, targets=tokens, last_only=True)
+
+
 def test_sliding_window_as_wide_as_context_equals_causal():
     a, b = _model(), _model(sliding_window=48)
     b.load_state_dict(a.state_dict())

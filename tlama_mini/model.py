@@ -188,8 +188,8 @@ class Transformer(nn.Module):
         return merge_image_features(h, mask, features.reshape(-1, features.shape[-1]))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, targets: torch.Tensor | None = None,
-                *, images: torch.Tensor | None = None,
-                kv_cache: bool | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                *, images: torch.Tensor | None = None, kv_cache: bool | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """tokens (B, T) -> (logits (B, T, V), loss or None).
 
         With `targets` (B, T) the loss is the mean next-token cross-entropy (ignore_index=-100),
@@ -200,7 +200,13 @@ class Transformer(nn.Module):
         forward allocates none; True uses it, allocating one sized to this call when there is none.
         images (I, 3, H, W) float, for a model with config.vision: their features fill, in order, the
         positions where tokens == config.image_token_id; targets equal to that id are ignored in the loss.
+        last_only=True (no targets): the logits of the last position only, (B, 1, V), all that generation
+        needs from a prompt; the final norm and the LM head then process one position instead of T (for a
+        1,000-token prompt and a 49,152-token vocabulary the full logits are 188 MiB in float32).
         """
+        if last_only and targets is not None:
+            raise ValueError("last_only=True gives the last position's logits, but a loss needs every position's: "
+                             "pass targets or last_only, not both")
         self._check_input(tokens, start_pos)
         B, T = tokens.shape
         c = self.config
@@ -229,6 +235,8 @@ class Transformer(nn.Module):
                 aux.append(layer_aux)
             else:
                 h = layer(h, start_pos, freq_cis, mask, use_cache, is_causal=is_causal)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, C)
         h = self.norm(h)  # (B, T, C)
         if targets is None:
             return project(self.output, h), None  # (B, T, V)

@@ -8,7 +8,6 @@ Legend: `...` any leading dims, `C` the normalised dimension.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,8 +28,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"RMSNorm expects last dim {weight.shape[-1]} (its weight's size), got input of "
                          f"shape {tuple(x.shape)}")
-    if x.dtype == weight.dtype == torch.float32:  # all in float32: torch's one-call RMSNorm of the same formula
-        return F.rms_norm(x, weight.shape, weight, eps)  # (faster; tests: equal to the line below, bit for bit on CPU)
+    if x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():  # inference in float32:
+        # the same operations in the same order, the temporaries reused in place (fewer allocations per step)
+        return torch.mul(x, torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))).mul_(weight)
     return rms_normalize(x, eps) * weight
 
 

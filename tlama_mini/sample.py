@@ -124,7 +124,7 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
         last = torch.zeros(B, dtype=torch.long, device=tokens.device)  # each row's last token
         if use_cache:  # sized to this request, never max_batch_size x max_seq_len
             model.setup_cache(B, T + max_new_tokens)
-        logits, _ = model(tokens, 0, kv_cache=use_cache, images=images)  # prefill: (B, T, V)
+        logits, _ = model(tokens, 0, kv_cache=use_cache, images=images, last_only=True)  # prefill: (B, 1, V)
         for step in range(max_new_tokens):
             nxt = sample_next_token(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                     generator=generator)  # (B,)
@@ -138,7 +138,7 @@ def generate_stream(model: Transformer, tokens: torch.Tensor, max_new_tokens: in
                 logits, _ = model(nxt[:, None], T + step, kv_cache=True)  # (B, 1, V)
             else:
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
-                logits, _ = model(seq, 0, kv_cache=False, images=images)  # (B, T + step + 1, V)
+                logits, _ = model(seq, 0, kv_cache=False, images=images, last_only=True)  # (B, 1, V)
     finally:
         if use_cache:
             model.reset_cache()  # free it: the next plain forward allocates nothing
