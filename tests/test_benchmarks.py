@@ -32,6 +32,15 @@ def test_generation_benchmark_quick():
     assert re.search(r"tok", out) and "tiny" in out, out
 
 
+def test_matvec_benchmark_quick():
+    out = _run("benchmarks/bench_matvec.py", "--quick", "--threads", "1", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| 2 |")][-4:]
+    assert [r.split("|")[2].strip().split(",")[0] for r in rows] == ["F.linear", "F.linear", "fuse.linear",
+                                                                     "read the same bytes (torch.sum)"], out
+    diff = float(re.search(r"agree within (\S+) of", out).group(1))
+    assert diff < 1e-5, out
+
+
 def test_triton_flash_benchmark_quick():
     pytest.importorskip("triton")
     out = _run("benchmarks/bench_triton_flash.py", "--quick")

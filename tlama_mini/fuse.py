@@ -21,6 +21,8 @@ Legend: C d_model, H heads, K kv heads, D head_dim, F FFN hidden size.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,13 +63,20 @@ def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
     return first.as_strided((total, C), (1, total))  # (sum out, in), no copy
 
 
+@functools.lru_cache(maxsize=256)
+def _slices(threads: int, K: int) -> int:
+    """How many slices `linear` cuts a reduction of length K into: the most, up to one per thread, that
+    divide K evenly (576 with 7 threads: 6)."""
+    return next(p for p in range(min(threads, K), 0, -1) if K % p == 0)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w^T, as F.linear(x, w) (no bias): x (..., in), w (out, in) -> (..., out). For inference.
 
     One row on a CPU with several threads (batch-1 decoding) takes another route to the same sum. MKL
     runs such a matrix-vector product on one core, so the second core idles while the weight streams
-    from memory at one core's speed. Cutting the reduction into P = torch.get_num_threads() slices,
-    one `torch.bmm` multiplies each slice on its own thread, and the P partial rows are added:
+    from memory at one core's speed. Cutting the reduction into P slices (one per thread, P dividing
+    in_features), one `torch.bmm` multiplies each slice on its own thread, and the P partial rows are added:
 
         x w^T = sum over p of x[p-th slice] (w^T)[p-th slice of rows]        (P, 1, out) -> (1, out)
 
@@ -76,9 +85,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     of 34.6 ms (20.6 instead of 14.5 GiB/s of weights; benchmarks/RESULTS.md, "Generation"). The sum
     runs in another order than MKL's, so results differ from F.linear by round-off (~1e-7 relative).
     Anything else (several rows, gradients, other devices, another layout) is F.linear."""
-    P = torch.get_num_threads()
     K = x.shape[-1]
-    if (P > 1 and x.device.type == "cpu" and x.numel() == K and K % P == 0 and w.dim() == 2
+    P = _slices(torch.get_num_threads(), K)
+    if (P > 1 and x.device.type == "cpu" and x.numel() == K and w.dim() == 2
             and w.shape[1] == K and w.stride() == (1, w.shape[0]) and not torch.is_grad_enabled()):
         N = w.shape[0]
         # (P, 1, K/P) @ (P, K/P, N) -> (P, 1, N) partial products; w^T's rows cut into P views
