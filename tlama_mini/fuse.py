@@ -2,10 +2,12 @@
 
 Attention multiplies its input by Wq, Wk and Wv, and the SwiGLU FFN by w1 (gate) and w3 (up). At batch 1
 each product is a matrix-vector product that streams its weight once; fusing turns SmolLM2's 211 products
-per token (7 per block, 30 blocks, and the LM head) into 121, each paying its call and thread start-up
-once. (Profiled after fusion on a 2-core CPU, the products are still 78% of a decode step: ~35 ms per
-token, reading 513 MiB of fp32 weights; the fusion saves overhead, not bandwidth.) `fuse_projections(model)` moves each group's weights into one matrix (Wq, Wk, Wv; w1, w3),
-stored transposed (`stack_linears`), and makes the original parameters *views* of its blocks: names,
+per token (7 per block, 30 blocks, and the LM head) into 121, each paying its call once: the fusion saves
+overhead, not bandwidth (every token still reads all 513 MiB of fp32 weights). `linear` is the other half:
+it spreads each one-row product over the CPU's threads (see there).
+
+`fuse_projections(model)` moves each group's weights into one matrix (Wq, Wk, Wv; w1, w3), stored
+transposed (`stack_linears`), and makes the original parameters *views* of its blocks: names,
 values, shapes and the state_dict are unchanged, no memory is added, and training (which updates each
 parameter in place) keeps them fused. `fused_weight` then finds the stacked matrix from the
 parameters themselves, so inference runs one product per group and splits the result:
@@ -73,17 +75,19 @@ def _slices(threads: int, K: int) -> int:
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w^T, as F.linear(x, w) (no bias): x (..., in), w (out, in) -> (..., out). For inference.
 
-    One row on a CPU with several threads (batch-1 decoding) takes another route to the same sum. MKL
-    runs such a matrix-vector product on one core, so the second core idles while the weight streams
-    from memory at one core's speed. Cutting the reduction into P slices (one per thread, P dividing
-    in_features), one `torch.bmm` multiplies each slice on its own thread, and the P partial rows are added:
+    One row on a CPU with several threads (batch-1 decoding) takes another route to the same sum. On
+    the 2-core CPU measured here MKL's matrix-vector product gains little or nothing from the second
+    thread: the weight streams from memory at about one core's speed. Cutting the reduction into P
+    slices (one per thread, P dividing in_features), one `torch.bmm` multiplies each slice on its own
+    thread, and the P partial rows are added:
 
         x w^T = sum over p of x[p-th slice] (w^T)[p-th slice of rows]        (P, 1, out) -> (1, out)
 
     With w stored transposed (w^T contiguous: `stack_linears`, the LM head) each slice is a view, so
-    nothing is copied. Measured on a 2-core CPU, SmolLM2's 121 products per token take 24.3 ms instead
-    of 34.6 ms (20.6 instead of 14.5 GiB/s of weights; benchmarks/RESULTS.md, "Generation"). The sum
-    runs in another order than MKL's, so results differ from F.linear by round-off (~1e-7 relative).
+    nothing is copied. Measured with 2 threads (benchmarks/bench_matvec.py, RESULTS.md): the 121 products
+    of a SmolLM2 decoding step take 22.4 ms instead of F.linear's 29.7 (22.4 instead of 16.9 GiB/s; a plain
+    read of the same bytes: 29.4 GiB/s). The sum runs in another order than MKL's, so results differ
+    from F.linear by round-off (about 1e-6 of the largest output).
     Anything else (several rows, gradients, other devices, another layout) is F.linear."""
     K = x.shape[-1]
     P = _slices(torch.get_num_threads(), K)
