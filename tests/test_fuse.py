@@ -117,9 +117,12 @@ def test_linear_splits_one_row_across_threads_and_equals_float64(threads, monkey
             assert bmm_calls == ([P] if P > 1 else []), (N, K, threads)
             exact = (x.double() @ w.double().t()).float()
             assert (y - exact).abs().max() <= 4 * (ref - exact).abs().max() + 1e-5, (N, K)
-            with torch.no_grad():  # several rows, or a row-major weight: F.linear itself
+            with torch.no_grad():  # several rows, a row-major weight, or bfloat16: F.linear itself
                 assert torch.equal(linear(x.expand(2, 1, K), w), F.linear(x.expand(2, 1, K), w))
                 assert torch.equal(linear(x, w.contiguous()), F.linear(x, w.contiguous()))
+                xb, wb = x.bfloat16(), w.t().bfloat16().contiguous().t()
+                assert torch.equal(linear(xb, wb), F.linear(xb, wb))
+            assert len(bmm_calls) == (P > 1), "only the float32 row took the split route"
             assert torch.equal(linear(x, w), F.linear(x, w))  # gradients on: F.linear
     finally:
         torch.set_num_threads(old)

@@ -182,12 +182,17 @@ def test_full_split_evaluation_is_the_mean_over_every_validation_token(small_tex
     assert math.isclose(trainer.evaluate_full(), total / (len(val) - 1), rel_tol=1e-5)
 
 
-def test_time_budget_ends_the_cosine_at_min_lr(small_text, tmp_path):
-    # a generous budget: the test checks where the schedule ends, not how fast a loaded machine trains
-    result = Trainer(tiny(small_text, tmp_path, max_seconds=10.0, eval_interval=1000)).run()
-    assert result["status"] == "done" and result["step"] >= 3
+def test_time_budget_ends_the_cosine_at_min_lr(small_text, tmp_path, monkeypatch):
+    # The trainer's clock is a fake one that advances 10 ms at every reading, so the test checks where the
+    # schedule ends whatever the machine's load (with the real clock, one slow step on a busy machine could
+    # jump from 70% of the budget past its end, and the last step's lr was still far above min_lr).
+    ticks = iter(range(10**9))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(ticks) * 0.01)
+    result = Trainer(tiny(small_text, tmp_path, max_seconds=3.0, eval_interval=1000)).run()
+    monkeypatch.undo()
+    assert result["status"] == "done" and result["step"] >= 20
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert final["final"] and final["lr"] <= 3e-4 + 0.15 * (3e-3 - 3e-4)
+    assert final["final"] and final["lr"] <= 3e-4 + 0.05 * (3e-3 - 3e-4), final
 
 
 class Halves:

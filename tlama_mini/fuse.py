@@ -65,6 +65,11 @@ def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
     return first.as_strided((total, C), (1, total))  # (sum out, in), no copy
 
 
+# Partial products are rounded to the output's dtype before they are added: harmless in float32 (~1e-7),
+# not in bfloat16 or float16 (8 or 11 bits), where F.linear's single rounding is kept.
+_SPLIT_DTYPES = (torch.float32, torch.float64)
+
+
 @functools.lru_cache(maxsize=256)
 def _slices(threads: int, K: int) -> int:
     """How many slices `linear` cuts a reduction of length K into: the most, up to one per thread, that
@@ -88,10 +93,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     of a SmolLM2 decoding step take 22.4 ms instead of F.linear's 29.7 (22.4 instead of 16.9 GiB/s; a plain
     read of the same bytes: 29.4 GiB/s). The sum runs in another order than MKL's, so results differ
     from F.linear by round-off (about 1e-6 of the largest output).
-    Anything else (several rows, gradients, other devices, another layout) is F.linear."""
+    Anything else (several rows, gradients, other devices, half precision, another layout) is F.linear."""
     K = x.shape[-1]
     P = _slices(torch.get_num_threads(), K)
-    if (P > 1 and x.device.type == "cpu" and x.numel() == K and w.dim() == 2
+    if (P > 1 and x.device.type == "cpu" and x.numel() == K and x.dtype in _SPLIT_DTYPES and w.dim() == 2
             and w.shape[1] == K and w.stride() == (1, w.shape[0]) and not torch.is_grad_enabled()):
         N = w.shape[0]
         # (P, 1, K/P) @ (P, K/P, N) -> (P, 1, N) partial products; w^T's rows cut into P views
