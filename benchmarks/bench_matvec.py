@@ -8,12 +8,14 @@ A decoding step multiplies one row by every weight matrix of the model once, so 
 by reading the weights from memory. This runs exactly those products for a model of SmolLM2-135M's
 shape (30 blocks of Wq|Wk|Wv 960x576, Wo 576x576, w1|w3 3072x576, w2 576x1536, and the 49,152 x 576 LM
 head: 513 MiB in float32; random weights, fresh for every block so nothing stays in the caches) in
-three ways:
+four ways:
 
 - `F.linear`, weights stored (out, in) row-major, as `nn.Linear` keeps them (and transformers' Llama);
+- `tlama_mini.fuse.linear` on them: the rows cut into one block per thread, one `torch.bmm` (what
+  `generate` runs for a model trained here);
 - `F.linear`, weights stored transposed, as `tlama_mini.fuse.stack_linears` and the LM head keep them;
 - `tlama_mini.fuse.linear` on the transposed weights: the reduction cut into one slice per thread, one
-  `torch.bmm`, the partial rows added (what `generate` runs).
+  `torch.bmm`, the partial rows added (what `generate` runs for a GGUF model).
 
 and, as the ceiling, a plain read of the same number of bytes (`torch.sum` over one 513 MiB tensor).
 Each time is the best of --repeat rounds (ms per step: every product once); GiB/s = 513 MiB / time.
@@ -56,12 +58,13 @@ def measure(layers: int, repeat: int, seed: int = 0) -> tuple[dict[str, float], 
     with torch.inference_mode():
         routes = {
             "F.linear, (out, in) row-major": lambda: [F.linear(xs[w.shape[1]], w) for w in rows],
+            "fuse.linear, (out, in) row-major": lambda: [linear(xs[w.shape[1]], w) for w in rows],
             "F.linear, stored transposed": lambda: [F.linear(xs[w.shape[1]], w) for w in cols],
             "fuse.linear, stored transposed": lambda: [linear(xs[w.shape[1]], w) for w in cols],
             "read the same bytes (torch.sum)": lambda: block.sum(),
         }
         times = {name: _best(fn, repeat) for name, fn in routes.items()}
-        outs = [fn() for fn in list(routes.values())[:3]]  # the three routes compute the same products
+        outs = [fn() for fn in list(routes.values())[:4]]  # the four routes compute the same products
         diff = max(float((a - b).abs().max() / b.abs().max()) for other in outs[1:] for a, b in zip(other, outs[0]))
     return times, sum(w.numel() for w in rows) * 4, diff
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
             diffs.append(diff)
     finally:
         torch.set_num_threads(old)
-    lines += ["", f"The three routes' products agree within {max(diffs):.1e} of the largest product (float32 round-off)."]
+    lines += ["", f"The four routes' products agree within {max(diffs):.1e} of the largest product (float32 round-off)."]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if a.out:

@@ -96,33 +96,40 @@ def test_a_fused_model_saves_and_loads_as_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
 def test_linear_splits_one_row_across_threads_and_equals_float64(threads, monkeypatch):
-    """fuse.linear: one row, CPU, w stored transposed -> one torch.bmm of P slices of the reduction, P the
-    largest divisor of in_features up to the threads; equal to the float64 product as closely as F.linear
-    is. Anything else: F.linear."""
+    """fuse.linear, one float32 row on the CPU: a row-major weight -> one torch.bmm over P blocks of output
+    rows (P the largest divisor of out_features up to the threads); a transposed one -> over P slices of
+    the reduction (P dividing in_features). Equal to the float64 product as closely as F.linear is.
+    Anything else: F.linear itself."""
     from tlama_mini.fuse import linear
     bmm_calls = []
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda a, b: bmm_calls.append(a.shape[0]) or real_bmm(a, b))
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+
+    def most(n):  # the largest divisor of n up to the threads: (7, 6) transposed with 4 threads -> 3
+        return max(p for p in range(1, threads + 1) if n % p == 0)
     try:
         g = torch.Generator().manual_seed(threads)
-        for N, K in [(960, 576), (49, 1536), (7, 6), (5, 7)]:
-            w = (torch.randn(N, K, generator=g) * 3).t().contiguous().t()  # strides (1, N), as stack_linears stores
+        for N, K in [(960, 576), (49, 1536), (7, 6), (5, 7), (12, 5)]:
+            rows = torch.randn(N, K, generator=g) * 3
             x = torch.randn(1, 1, K, generator=g)
-            bmm_calls.clear()
-            with torch.no_grad():
-                y, ref = linear(x, w), F.linear(x, w)
-            P = max(p for p in range(1, threads + 1) if K % p == 0)  # (7, 6) with 4 threads: 3; (5, 7): 1
-            assert bmm_calls == ([P] if P > 1 else []), (N, K, threads)
-            exact = (x.double() @ w.double().t()).float()
-            assert (y - exact).abs().max() <= 4 * (ref - exact).abs().max() + 1e-5, (N, K)
-            with torch.no_grad():  # several rows, a row-major weight, or bfloat16: F.linear itself
-                assert torch.equal(linear(x.expand(2, 1, K), w), F.linear(x.expand(2, 1, K), w))
-                assert torch.equal(linear(x, w.contiguous()), F.linear(x, w.contiguous()))
-                xb, wb = x.bfloat16(), w.t().bfloat16().contiguous().t()
-                assert torch.equal(linear(xb, wb), F.linear(xb, wb))
-            assert len(bmm_calls) == (P > 1), "only the float32 row took the split route"
-            assert torch.equal(linear(x, w), F.linear(x, w))  # gradients on: F.linear
+            exact = (x.double() @ rows.double().t()).float()
+            for w, P in ((rows, most(N)), (rows.t().contiguous().t(), most(K))):  # row-major; transposed (1, N)
+                bmm_calls.clear()
+                with torch.no_grad():
+                    y, ref = linear(x, w), F.linear(x, w)
+                assert bmm_calls == ([P] if P > 1 else []), (N, K, w.stride())
+                assert y.shape == ref.shape
+                assert (y - exact).abs().max() <= 4 * (ref - exact).abs().max() + 1e-5, (N, K, w.stride())
+                with torch.no_grad():  # several rows, or bfloat16: F.linear itself
+                    assert torch.equal(linear(x.expand(2, 1, K), w), F.linear(x.expand(2, 1, K), w))
+                    xb, wb = x.bfloat16(), w.bfloat16() if w.is_contiguous() else w.t().bfloat16().contiguous().t()
+                    assert torch.equal(linear(xb, wb), F.linear(xb, wb))
+                assert torch.equal(linear(x, w), F.linear(x, w))  # gradients on: F.linear
+                assert len(bmm_calls) == (P > 1), "only the float32 row without gradients takes a split route"
+            with torch.no_grad():  # neither layout (every other column): F.linear
+                wide = torch.randn(N, 2 * K, generator=g)[:, ::2]
+                assert torch.equal(linear(x, wide), F.linear(x, wide))
     finally:
         torch.set_num_threads(old)

@@ -171,9 +171,9 @@ class Attention(nn.Module):
             else:
                 xq, xk, xv = qkv.split([H, K, K], dim=2)
         else:
-            xq = self.Wq(x).view(B, T, H, D)  # (B, T, H, D)
-            xk = self.Wk(x).view(B, T, K, D)  # (B, T, K, D)
-            xv = self.Wv(x).view(B, T, K, D)  # (B, T, K, D)
+            xq = project(self.Wq, x).view(B, T, H, D)  # (B, T, H, D); project(m, x) = m(x), see fuse.py
+            xk = project(self.Wk, x).view(B, T, K, D)  # (B, T, K, D)
+            xv = project(self.Wv, x).view(B, T, K, D)  # (B, T, K, D)
         if self.q_norm is not None:
             xq, xk = self.q_norm(xq), self.k_norm(xk)
         if freq_cis is not None:

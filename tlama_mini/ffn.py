@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ffn_hidden_size
+from .fuse import project
 from .parallel import column_linear, row_linear
 
 
@@ -29,7 +30,7 @@ def _project(x: torch.Tensor, w: Projection) -> torch.Tensor:
             raise ValueError(f"swiglu: a weight of shape {tuple(w.shape)} does not fit an input of shape "
                              f"{tuple(x.shape)}; weights are (out, in) or stacked (E, out, in), in = x.shape[-1]")
         return x @ w.mT  # (..., out); bit-identical to F.linear for a 2-D weight
-    return w(x)
+    return project(w, x)  # w(x); a plain nn.Linear during inference through fuse.linear (one row: all threads)
 
 
 def swiglu(x: torch.Tensor, w1: Projection, w2: Projection, w3: Projection) -> torch.Tensor:

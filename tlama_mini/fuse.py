@@ -66,39 +66,52 @@ def fused_weight(*linears: nn.Module) -> torch.Tensor | None:
 
 
 # Partial products are rounded to the output's dtype before they are added: harmless in float32 (~1e-7),
-# not in bfloat16 or float16 (8 or 11 bits), where F.linear's single rounding is kept.
+# not in bfloat16 or float16 (8 or 11 bits), where F.linear's single rounding is kept (for both routes,
+# so a half-precision model takes one path whatever its layout).
 _SPLIT_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=256)
-def _slices(threads: int, K: int) -> int:
-    """How many slices `linear` cuts a reduction of length K into: the most, up to one per thread, that
-    divide K evenly (576 with 7 threads: 6)."""
-    return next(p for p in range(min(threads, K), 0, -1) if K % p == 0)
+def _slices(threads: int, n: int) -> int:
+    """How many parts `linear` cuts a dimension of length n into: the most, up to one per thread, that
+    divide n evenly (576 with 7 threads: 6)."""
+    return next(p for p in range(min(threads, n), 0, -1) if n % p == 0)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w^T, as F.linear(x, w) (no bias): x (..., in), w (out, in) -> (..., out). For inference.
 
-    One row on a CPU with several threads (batch-1 decoding) takes another route to the same sum. On
-    the 2-core CPU measured here MKL's matrix-vector product gains little or nothing from the second
-    thread: the weight streams from memory at about one core's speed. Cutting the reduction into P
-    slices (one per thread, P dividing in_features), one `torch.bmm` multiplies each slice on its own
-    thread, and the P partial rows are added:
+    One row on a CPU with several threads (batch-1 decoding) takes another route to the same products.
+    On the 2-core CPU measured here MKL's matrix-vector product gains little or nothing from the second
+    thread: the weight streams from memory at about one core's speed. So the weight is cut into P
+    parts (one per thread, P dividing the cut dimension), each part a view, nothing copied, and one
+    `torch.bmm` multiplies x by every part, each on its own thread:
+
+    - w stored as nn.Linear keeps it, (out, in) row-major: P blocks of rows, each a contiguous block of
+      memory; their outputs are P consecutive pieces of the result, nothing to add:
+
+        x w^T = [x w[rows of block 1]^T, ..., x w[rows of block P]^T]        (P, 1, out/P) -> (1, out)
+
+    - w stored transposed (w^T contiguous: `stack_linears`, the LM head): P slices of the reduction, each
+      a contiguous block of w^T's rows; the P partial rows are added:
 
         x w^T = sum over p of x[p-th slice] (w^T)[p-th slice of rows]        (P, 1, out) -> (1, out)
 
-    With w stored transposed (w^T contiguous: `stack_linears`, the LM head) each slice is a view, so
-    nothing is copied. Measured with 2 threads (benchmarks/bench_matvec.py, RESULTS.md): the 121 products
-    of a SmolLM2 decoding step take 22.4 ms instead of F.linear's 29.7 (22.4 instead of 16.9 GiB/s; a plain
-    read of the same bytes: 29.4 GiB/s). The sum runs in another order than MKL's, so results differ
-    from F.linear by round-off (about 1e-6 of the largest output).
-    Anything else (several rows, gradients, other devices, half precision, another layout) is F.linear."""
+    Measured with 2 threads (benchmarks/bench_matvec.py, RESULTS.md), the 121 products of a SmolLM2
+    decoding step, stored transposed: 22.4 ms instead of F.linear's 29.7 (22.4 instead of 16.9 GiB/s;
+    a plain read of the same bytes: 29.4 GiB/s). Round-off: the sum of slices adds in another order
+    than MKL (about 1e-6 of the largest output); a block of rows computes each output as F.linear does,
+    up to the kernel's order. Anything else (several rows, gradients, other devices, half precision,
+    other layouts) is F.linear."""
     K = x.shape[-1]
-    P = _slices(torch.get_num_threads(), K)
-    if (P > 1 and x.device.type == "cpu" and x.numel() == K and x.dtype in _SPLIT_DTYPES and w.dim() == 2
-            and w.shape[1] == K and w.stride() == (1, w.shape[0]) and not torch.is_grad_enabled()):
-        N = w.shape[0]
+    if (x.numel() != K or x.device.type != "cpu" or x.dtype not in _SPLIT_DTYPES or w.dim() != 2
+            or w.shape[1] != K or torch.is_grad_enabled()):
+        return F.linear(x, w)
+    N, threads = w.shape[0], torch.get_num_threads()
+    if w.stride() == (K, 1) and (P := _slices(threads, N)) > 1:  # row-major: blocks of output rows
+        out = torch.bmm(x.reshape(1, 1, K).expand(P, 1, K), w.view(P, N // P, K).transpose(1, 2))  # (P, 1, N/P)
+        return out.view(*x.shape[:-1], N)
+    if w.stride() == (1, N) and (P := _slices(threads, K)) > 1:  # transposed: slices of the reduction
         # (P, 1, K/P) @ (P, K/P, N) -> (P, 1, N) partial products; w^T's rows cut into P views
         parts = torch.bmm(x.reshape(P, 1, K // P), w.as_strided((P, K // P, N), (K // P * N, N, 1)))
         return parts.sum(0).view(*x.shape[:-1], N)
