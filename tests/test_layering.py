@@ -3,6 +3,7 @@ its own layer or the layers below, with no cycle; imports sit at the top of each
 listed in LAZY with their reason. Parsed with `ast` (nothing is imported), so a new module or a new import
 that breaks the layering fails here with its name."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,12 @@ def test_the_checker_finds_a_cycle_planted_in_the_real_graph():
     problems = check_layering(graph, LAYERS)
     assert any(p.startswith("upward import: config") for p in problems)
     assert any(p.startswith("import cycle:") and "config" in p and "trainer" in p for p in problems)
+
+
+def test_every_module_is_in_the_readme_table():
+    """The README's table of modules names every module of the package, so a new one cannot go unmentioned."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    table = "\n".join(line for line in readme.splitlines() if line.startswith("| `"))
+    named = set(re.findall(r"`([a-z_0-9]+)\.py`", table))
+    missing = sorted({p.stem for p in PACKAGE.glob("*.py")} - named)
+    assert not missing, f"README.md's module table does not mention: {', '.join(m + '.py' for m in missing)}"
